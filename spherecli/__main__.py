@@ -1,0 +1,3 @@
+from spherecli.cli import main
+
+main()

@@ -1,0 +1,175 @@
+"""Stage 2: warp each face onto the reference landmarks (112x96 by default).
+
+The transform is the least-squares non-reflective similarity (rotation,
+uniform scale, translation) taking the five detected points onto the five
+reference points, as Matlab's `cp2tform(..., 'similarity')` fits it; the
+image is then warped with bilinear interpolation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from spherecli import UserError
+from spherecli.formats import is_manifest, read_landmark_file, read_manifest
+from spherecli.images import decode, describe_error, encode, write_atomic
+from spherecli.parallel import cpu_count, map_batches
+
+# The original's reference points for a 112 (rows) x 96 (columns) crop, (x, y).
+REFERENCE_112x96 = np.array([
+    [30.2946, 51.6963],
+    [65.5318, 51.5014],
+    [48.0252, 71.7366],
+    [33.5493, 92.3655],
+    [62.7299, 92.2041],
+], dtype=np.float64)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'112x96' -> (112, 96): height by width, as the original names its crops."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"size {text!r}: expected HEIGHTxWIDTH, e.g. 112x96") from None
+    if h < 8 or w < 8:
+        raise UserError(f"size {text!r} is too small")
+    return h, w
+
+
+def reference_points(size: tuple[int, int] = (112, 96)) -> np.ndarray:
+    """Reference landmarks for a crop of (height, width).
+
+    The 112x96 points are scaled by height/112 and centred horizontally, so
+    112x112 moves them 8 px right (the usual ArcFace crop) and 224x192
+    doubles them.
+    """
+    h, w = size
+    s = h / 112.0
+    return REFERENCE_112x96 * s + np.array([(w - 96.0 * s) / 2.0, 0.0])
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """2x3 matrix of the least-squares non-reflective similarity taking src onto dst.
+
+    Closed form on centred points: the linear part is [[a, -b], [b, a]] with
+    (a, b) the normalised dot and cross sums, which is the solution of the
+    over-determined system cp2tform solves; a reflection is never produced.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    ms, md = src.mean(axis=0), dst.mean(axis=0)
+    s, d = src - ms, dst - md
+    norm = (s ** 2).sum()
+    if norm < 1e-12:
+        raise ValueError("landmarks are all at one point")
+    a = (s * d).sum() / norm
+    b = (s[:, 0] * d[:, 1] - s[:, 1] * d[:, 0]).sum() / norm
+    linear = np.array([[a, -b], [b, a]])
+    return np.hstack([linear, (md - linear @ ms)[:, None]])
+
+
+# Landmarks and reference points are in Matlab's pixel convention, where the
+# first pixel's centre is (1, 1): the original's reference points are, and
+# so are MTCNN's outputs (facenet-pytorch kept the Matlab code's arithmetic).
+# OpenCV puts the first pixel's centre at (0, 0), so both shift by one.
+MATLAB_ORIGIN = 1.0
+
+
+def align_face(rgb: np.ndarray, landmarks, size: tuple[int, int] = (112, 96)) -> np.ndarray:
+    """Crop one face: RGB image + its five (x, y) landmarks -> aligned RGB crop."""
+    m = similarity_transform(np.asarray(landmarks, dtype=np.float64) - MATLAB_ORIGIN,
+                             reference_points(size) - MATLAB_ORIGIN)
+    return cv2.warpAffine(rgb, m, (size[1], size[0]), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+# --------------------------------------------------------------------------- whole trees
+
+def _records(source: Path, root: str | None):
+    """(root, records) of a manifest or a landmark text file."""
+    if not source.is_file():
+        raise UserError(f"{source}: no such file")
+    if is_manifest(source):
+        header, records = read_manifest(source)
+        return (root or header["root"]), header["settings"].get("exif", True), records
+    if root is None:
+        raise UserError(f"{source} is a landmark text file: pass --root, the folder its paths "
+                        "are relative to")
+    return root, True, read_landmark_file(source)
+
+
+_job: dict = {}
+
+
+def _init_worker(job: dict) -> None:
+    cv2.setNumThreads(1)
+    _job.update(job)
+
+
+def _align_batch(batch: list[tuple[str, bool, str, list]]) -> list[tuple[str, str]]:
+    """Align a batch of (root, exif, path, landmarks); returns (path, outcome) pairs."""
+    out, size, quality = Path(_job["out"]), _job["size"], _job["jpeg_quality"]
+    results = []
+    for root, exif, rel, landmarks in batch:
+        try:
+            rgb, _ = decode(os.path.join(root, rel), exif=exif)
+            face = align_face(rgb, landmarks, size)
+            target = out / rel
+            write_atomic(target, encode(face[:, :, ::-1], target.suffix, quality))
+            results.append((rel, "aligned"))
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop the run
+            results.append((rel, f"error: {describe_error(e)}"))
+    return results
+
+
+def align_manifests(sources: list[str | Path], out: str | Path, *, root: str | None = None,
+                    size: tuple[int, int] = (112, 96), jpeg_quality: int = 95,
+                    workers: int | None = None, overwrite: bool = False,
+                    progress: bool = True) -> dict:
+    """Align every face with landmarks in the given manifests or landmark files into out."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out}: {e.strerror or e}") from None
+    counts = {"faces": 0, "aligned": 0, "existing": 0, "no_landmarks": 0, "error": 0}
+    todo = []
+    for source in sources:
+        src_root, exif, records = _records(Path(source), root)
+        for rec in records:
+            if rec["status"] != "ok" or not rec.get("landmarks"):
+                counts["no_landmarks"] += 1
+                continue
+            counts["faces"] += 1
+            if not overwrite and (out / rec["path"]).exists():
+                counts["existing"] += 1
+                continue
+            todo.append((src_root, exif, rec["path"], rec["landmarks"]))
+
+    batches = [todo[i:i + 64] for i in range(0, len(todo), 64)]
+    workers = 1 if len(batches) < 2 else (workers or cpu_count())
+    job = {"out": str(out), "size": size, "jpeg_quality": jpeg_quality}
+    errors = []
+    start = time.perf_counter()
+    with tqdm(total=len(todo), unit="img", desc="align", disable=not progress or not todo,
+              dynamic_ncols=True) as bar, \
+            map_batches(_align_batch, batches, workers, _init_worker, (job,)) as results:
+        for batch in results:
+            for rel, outcome in batch:
+                if outcome == "aligned":
+                    counts["aligned"] += 1
+                else:
+                    counts["error"] += 1
+                    errors.append(f"{rel}: {outcome.removeprefix('error: ')}")
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start
+    counts.update(seconds=round(seconds, 2),
+                  images_per_s=round(counts["aligned"] / seconds, 1) if counts["aligned"] else 0.0,
+                  errors=errors[:20])
+    return counts

@@ -1,0 +1,190 @@
+"""The `sphereface` command: a thin click layer over the stage modules."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from spherecli import UserError, __version__
+
+console = Console(stderr=True)
+
+
+def show(title: str, summary: dict, keys: list[str] | None = None) -> None:
+    """Print a stage summary as a two-column table."""
+    console.print(f"[bold]{title}[/bold]", highlight=False, soft_wrap=True)
+    table = Table(show_header=False)
+    for key in keys or summary:
+        if key in summary:
+            table.add_row(key.replace("_", " "), str(summary[key]))
+    console.print(table)
+
+
+def parse_floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise click.BadParameter(f"{what}: expected {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def parse_shard(text: str | None):
+    if text is None:
+        return None
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected K/N, e.g. 1/4, got {text!r}") from None
+    if not 1 <= k <= n:
+        raise click.BadParameter(f"K must be between 1 and N, got {text!r}")
+    return k, n
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="sphereface")
+def cli():
+    """SphereFace (CVPR 2017) face recognition, stage by stage.
+
+    \b
+    detect    faces and 5 landmarks with MTCNN     -> landmark manifest (JSON Lines)
+    align     similarity transform to 112x96        -> aligned image folder
+    list      one `path label` line per image       -> training list
+    train     SphereFace networks with A-Softmax    -> checkpoints
+    evaluate  LFW 10-fold verification              -> accuracy table and JSON
+    """
+
+
+# --------------------------------------------------------------------------- detect
+
+@cli.command()
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Manifest to write or resume.  [default: ROOT.landmarks.jsonl]")
+@click.option("--min-face", default=20, help="Smallest face searched for, in pixels (original: 20).")
+@click.option("--factor", default=0.85, help="Image pyramid scale factor (original: 0.85).")
+@click.option("--thresholds", default="0.6,0.7,0.9", help="P-Net,R-Net,O-Net score thresholds.")
+@click.option("--select", type=click.Choice(["center", "largest", "confident"]), default="center",
+              help="Which face to keep when several are found (original: center).")
+@click.option("--all-faces", is_flag=True, help="Also record every face found, under 'all'.")
+@click.option("--exif/--no-exif", default=True, help="Apply the EXIF orientation tag.")
+@click.option("--max-side", default=2000,
+              help="Downscale larger images for detection; landmarks are mapped back.")
+@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=16, help="Same-sized images per MTCNN call.")
+@click.option("--workers", type=int, help="Detector processes.  [default: cores on CPU, 2 on GPU]")
+@click.option("--shard", help="K/N: process only the K-th of N deterministic parts of ROOT.")
+@click.option("--strict", is_flag=True, help="Fail (exit 2) at the first unreadable image.")
+@click.option("--retry-errors", is_flag=True, help="Try again images recorded as errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def detect(root, output, min_face, factor, thresholds, select, all_faces, exif, max_side, device,
+           batch_size, workers, shard, strict, retry_errors, quiet):
+    """Detect faces and landmarks in every image under ROOT.
+
+    Writes one JSON record per image (docs/formats.md); re-running the same
+    command resumes, skipping images already recorded.
+    """
+    from spherecli.detect import DetectSettings, detect_tree
+
+    settings = DetectSettings(min_face=min_face, factor=factor, select=select, all_faces=all_faces,
+                              thresholds=parse_floats(thresholds, 3, "--thresholds"),
+                              exif=exif, max_side=max_side)
+    output = output or Path(str(root).rstrip("/") + ".landmarks.jsonl")
+    summary = detect_tree(root, output, settings, device=device, batch_size=batch_size,
+                          workers=workers, shard=parse_shard(shard), strict=strict,
+                          retry_errors=retry_errors, progress=not quiet)
+    show(f"detect -> {output}", summary)
+
+
+# --------------------------------------------------------------------------- align
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of aligned faces.  [default: <manifest root>-112X96]")
+@click.option("--root", type=click.Path(file_okay=False),
+              help="Folder the image paths are relative to (needed for landmark text files; "
+                   "overrides the manifest's root).")
+@click.option("--size", default="112x96", help="Crop HEIGHTxWIDTH; reference points scale with "
+              "the height and are centred horizontally (112x112 shifts them 8 px right).")
+@click.option("--jpeg-quality", default=95, type=click.IntRange(1, 100),
+              help="JPEG quality of the crops (Matlab's imwrite used 75).")
+@click.option("--workers", type=int, help="Processes.  [default: number of cores]")
+@click.option("--overwrite", is_flag=True, help="Redo crops that already exist.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def align(sources, output, root, size, jpeg_quality, workers, overwrite, quiet):
+    """Align the faces of one or more landmark manifests (or text files).
+
+    A landmark text file has lines `relative/path.jpg x1 y1 x2 y2 ... x5 y5`
+    (left eye, right eye, nose, left and right mouth corners).
+    """
+    from spherecli.align import align_manifests, parse_size
+    from spherecli.formats import is_manifest, read_manifest
+
+    hw = parse_size(size)
+    if output is None:
+        if not sources[0].is_file() or not is_manifest(sources[0]):
+            raise UserError("pass -o OUTPUT for landmark text files")
+        base = root or read_manifest(sources[0])[0]["root"]
+        output = Path(f"{str(base).rstrip('/')}-{hw[0]}X{hw[1]}")
+    summary = align_manifests(sources, output, root=root, size=hw, jpeg_quality=jpeg_quality,
+                              workers=workers, overwrite=overwrite, progress=not quiet)
+    for line in summary.pop("errors"):
+        console.print(f"[red]error[/red] {line}")
+    show(f"align -> {output}", summary)
+
+
+# --------------------------------------------------------------------------- list
+
+@cli.command(name="list")
+@click.argument("aligned_dirs", nargs=-1, required=True,
+                type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="List file.  [default: ALIGNED_DIR.txt]")
+@click.option("--exclude", multiple=True,
+              help="Identity to leave out: a name, comma-separated names, or a file of names; "
+                   "repeatable. `--exclude casia-lfw` drops the three CASIA-WebFace identities "
+                   "that overlap LFW, as the original does.")
+@click.option("--min-images", default=1, help="Leave out identities with fewer images.")
+@click.option("--relative", is_flag=True,
+              help="Write paths relative to the list file's folder instead of absolute.")
+def list_(aligned_dirs, output, exclude, min_images, relative):
+    """Write the training list: one `path label` line per aligned image.
+
+    Labels are 0..C-1 over the sorted identity folder names. Counts and the
+    label -> name table are written next to it, in LIST.json.
+    """
+    from spherecli.lists import CASIA_LFW_OVERLAP, build_list, read_exclusions
+
+    names = read_exclusions([e for e in exclude if e != "casia-lfw"])
+    if "casia-lfw" in exclude:
+        names |= set(CASIA_LFW_OVERLAP)
+    output = output or Path(str(aligned_dirs[0]).rstrip("/") + ".txt")
+    summary = build_list(list(aligned_dirs), output, exclude=names, min_images=min_images,
+                         relative=relative)
+    summary.pop("names")
+    show(f"list -> {output}", summary)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished work is saved; run the same command again to resume",
+                   err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except UserError as e:
+        click.secho("error: ", fg="red", bold=True, err=True, nl=False)
+        click.echo(str(e), err=True)
+        sys.exit(2)

@@ -1,0 +1,293 @@
+"""Stage 1: find faces and their five landmarks with MTCNN, writing a JSON Lines manifest.
+
+The detector is facenet-pytorch's MTCNN run with the original SphereFace
+settings. What this module adds is throughput and safety on real trees:
+images of one size are batched through MTCNN, several worker processes run
+at once, records are appended per batch so a killed run resumes where it
+stopped, and a bad file becomes an `error` record instead of a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from spherecli import UserError
+from spherecli.formats import JsonlAppender, manifest_header, manifest_summary, read_manifest
+from spherecli.images import decode, describe_error, identity_of, oriented_size, walk_images
+from spherecli.parallel import cpu_count, map_batches
+
+SELECT_RULES = ("center", "largest", "confident")
+
+
+@dataclass
+class DetectSettings:
+    """Everything that changes what the manifest says; stored in its header."""
+    min_face: int = 20                      # the original's minsize
+    factor: float = 0.85                    # the original's pyramid scale factor
+    thresholds: tuple = (0.6, 0.7, 0.9)     # P-, R-, O-Net thresholds of the original
+    select: str = "center"                  # the original keeps the face nearest the centre
+    all_faces: bool = False
+    exif: bool = True
+    max_side: int = 2000                    # larger photos are downscaled for detection
+
+    def __post_init__(self):
+        self.thresholds = tuple(float(t) for t in self.thresholds)
+        if self.select not in SELECT_RULES:
+            raise UserError(f"--select must be one of {', '.join(SELECT_RULES)}")
+        if len(self.thresholds) != 3:
+            raise UserError("thresholds are three numbers (P-Net, R-Net, O-Net)")
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["thresholds"] = list(self.thresholds)
+        return d
+
+
+class _ChannelsLastMaxPool(nn.Module):
+    """MTCNN's max-pooling computed in channels-last layout.
+
+    On CPU, PyTorch's NCHW max_pool2d is about 3x slower than the
+    channels-last kernel and was 40% of MTCNN's time. A maximum is exact,
+    so the results are bit-identical; only the speed changes.
+    """
+
+    def __init__(self, pool: nn.MaxPool2d):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x):
+        return self.pool(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+class FaceDetector:
+    """facenet-pytorch's MTCNN with the original settings and face selection."""
+
+    def __init__(self, settings: DetectSettings | None = None, device: str = "cpu"):
+        from facenet_pytorch import MTCNN
+
+        self.settings = settings or DetectSettings()
+        s = self.settings
+        self.mtcnn = MTCNN(min_face_size=s.min_face, thresholds=list(s.thresholds),
+                           factor=s.factor, select_largest=False, keep_all=True,
+                           device=torch.device(device))
+        if torch.device(device).type == "cpu":
+            for net in (self.mtcnn.pnet, self.mtcnn.rnet, self.mtcnn.onet):
+                for name, module in list(net.named_children()):
+                    if isinstance(module, nn.MaxPool2d):
+                        setattr(net, name, _ChannelsLastMaxPool(module))
+
+    def detect(self, images: list[np.ndarray]) -> list[list[dict]]:
+        """All faces in each of a list of same-sized RGB arrays."""
+        boxes, probs, points = self.mtcnn.detect(images, landmarks=True)
+        out = []
+        for b, p, pts in zip(boxes, probs, points):
+            if b is None:
+                out.append([])
+                continue
+            out.append([{"box": [round(float(v), 2) for v in b[i]],
+                         "score": round(float(p[i]), 6),
+                         "landmarks": [[round(float(x), 4), round(float(y), 4)] for x, y in pts[i]]}
+                        for i in range(len(b))])
+        return out
+
+    def detect_one(self, image: np.ndarray) -> list[dict]:
+        h, w = image.shape[:2]
+        if min(h, w) < self.settings.min_face:
+            return []
+        return self.detect([image])[0]
+
+
+def select_face(faces: list[dict], width: int, height: int, rule: str = "center") -> int:
+    """Index of the face to keep when several are found."""
+    if rule == "largest":
+        return max(range(len(faces)), key=lambda i: (faces[i]["box"][2] - faces[i]["box"][0])
+                   * (faces[i]["box"][3] - faces[i]["box"][1]))
+    if rule == "confident":
+        return max(range(len(faces)), key=lambda i: faces[i]["score"])
+    cx, cy = width / 2, height / 2
+    return min(range(len(faces)), key=lambda i: ((faces[i]["box"][0] + faces[i]["box"][2]) / 2 - cx) ** 2
+               + ((faces[i]["box"][1] + faces[i]["box"][3]) / 2 - cy) ** 2)
+
+
+def _scale_face(face: dict, scale: float) -> dict:
+    if scale == 1.0:
+        return face
+    return {"box": [round(v / scale, 2) for v in face["box"]], "score": face["score"],
+            "landmarks": [[round(x / scale, 4), round(y / scale, 4)] for x, y in face["landmarks"]]}
+
+
+# --------------------------------------------------------------------------- worker side
+
+_worker: dict = {}
+
+
+def _init_worker(settings: dict, device: str, threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    _worker["detector"] = FaceDetector(DetectSettings(**settings), device)
+
+
+def _detect_batch(job: tuple[str, list[str]]) -> list[dict]:
+    """Decode and detect a batch of images; returns one record per image."""
+    root, rel_paths = job
+    detector: FaceDetector = _worker["detector"]
+    s = detector.settings
+    records, decoded = [], {}
+    for rel in rel_paths:
+        rec = {"type": "image", "path": rel, "identity": identity_of(rel)}
+        records.append(rec)
+        try:
+            rgb, info = decode(os.path.join(root, rel), exif=s.exif, max_side=s.max_side)
+        except Exception as e:  # noqa: BLE001 - any failure of one file is that file's record
+            rec.update(status="error", error=describe_error(e))
+            continue
+        rec.update(width=info["width"], height=info["height"], orientation=info["orientation"])
+        if info["scale"] != 1.0:
+            rec["scale"] = round(info["scale"], 6)
+        if min(rgb.shape[:2]) < s.min_face:
+            rec.update(status="error", error=f"image is {rgb.shape[1]}x{rgb.shape[0]}, smaller "
+                                            f"than the minimum face size ({s.min_face} px)")
+            continue
+        decoded.setdefault(rgb.shape, []).append((rec, rgb, info["scale"]))
+
+    for group in decoded.values():
+        try:
+            found = detector.detect([rgb for _, rgb, _ in group])
+        except Exception:  # noqa: BLE001 - find which image breaks the batch
+            found = []
+            for rec, rgb, _ in group:
+                try:
+                    found.append(detector.detect([rgb])[0])
+                except Exception as e:  # noqa: BLE001
+                    found.append(e)
+        for (rec, _, scale), faces in zip(group, found):
+            if isinstance(faces, Exception):
+                rec.update(status="error", error=f"detector failed: {describe_error(faces)}")
+                continue
+            faces = [_scale_face(f, scale) for f in faces]
+            rec["faces"] = len(faces)
+            if not faces:
+                rec.update(status="no_face")
+                continue
+            best = faces[select_face(faces, rec["width"], rec["height"], s.select)]
+            rec.update(status="ok", **best)
+            if s.all_faces:
+                rec["all"] = faces
+    return records
+
+
+# --------------------------------------------------------------------------- main side
+
+def _in_shard(rel: str, shard: tuple[int, int] | None) -> bool:
+    # A hash of the path, not its position, so every process agrees on the
+    # split without coordinating, whatever order it walks the tree in.
+    return shard is None or zlib.crc32(rel.encode("utf-8")) % shard[1] == shard[0] - 1
+
+
+def _size_batches(root: str, paths: list[str], settings: DetectSettings, batch_size: int):
+    """Group paths by decoded image size (from headers) so MTCNN sees full batches.
+
+    Memory stays bounded: at most `window` paths wait for their batch to fill.
+    """
+    window = 64 * batch_size
+    buckets: dict = {}
+    waiting = 0
+    for rel in paths:
+        try:
+            w, h = oriented_size(os.path.join(root, rel), settings.exif)
+            s = min(1.0, settings.max_side / max(w, h))
+            key = (round(w * s), round(h * s))
+        except Exception:  # noqa: BLE001 - the worker will report it
+            key = None
+        bucket = buckets.setdefault(key, [])
+        bucket.append(rel)
+        waiting += 1
+        if len(bucket) >= batch_size:
+            waiting -= len(bucket)
+            yield root, buckets.pop(key)
+        elif waiting > window:
+            key = max(buckets, key=lambda k: len(buckets[k]))
+            waiting -= len(buckets[key])
+            yield root, buckets.pop(key)
+    for bucket in buckets.values():
+        for i in range(0, len(bucket), batch_size):
+            yield root, bucket[i:i + batch_size]
+
+
+def default_workers(device: str) -> int:
+    # On CPU one single-threaded MTCNN per core beats one MTCNN using every
+    # core (small convolutions parallelise badly); on a GPU two processes
+    # keep it fed while each decodes its next batch.
+    return cpu_count() if device == "cpu" else 2
+
+
+def _resume_state(manifest: Path, header: dict, retry_errors: bool) -> set[str]:
+    """Paths already done in an existing manifest, after checking it matches this run."""
+    if not manifest.exists() or manifest.stat().st_size == 0:
+        return set()
+    old, records = read_manifest(manifest)
+    for key in ("root", "settings"):
+        if old.get(key) != header.get(key):
+            raise UserError(f"{manifest} was written with a different {key} "
+                            f"({old.get(key)} vs {header.get(key)}); "
+                            "use another output file to detect with new settings")
+    latest = {}
+    for rec in records:
+        latest[rec["path"]] = rec["status"]
+    return {p for p, status in latest.items() if not (retry_errors and status == "error")}
+
+
+def detect_tree(root: str | Path, manifest: str | Path, settings: DetectSettings | None = None, *,
+                device: str = "cpu", batch_size: int = 16, workers: int | None = None,
+                shard: tuple[int, int] | None = None, strict: bool = False,
+                retry_errors: bool = False, progress: bool = True) -> dict:
+    """Detect faces in every image under root, appending to manifest. Returns the summary."""
+    settings = settings or DetectSettings()
+    root, manifest = Path(root), Path(manifest)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such directory")
+    if shard is not None and not (1 <= shard[0] <= shard[1]):
+        raise UserError(f"--shard {shard[0]}/{shard[1]}: K must be between 1 and N")
+    header_settings = settings.as_json() | ({"shard": f"{shard[0]}/{shard[1]}"} if shard else {})
+    header = manifest_header(root, header_settings)
+    done = _resume_state(manifest, header, retry_errors)
+    writer = JsonlAppender(manifest)
+    if manifest.stat().st_size == 0:
+        writer.write([header])
+
+    pending = [p for p in walk_images(root) if _in_shard(p, shard) and p not in done]
+    # A handful of images is done before worker processes would have started.
+    workers = 1 if len(pending) <= batch_size else (workers or default_workers(device))
+    jobs = _size_batches(str(root), pending, settings, batch_size)
+    init_args = (settings.as_json(), device, 1 if workers > 1 and device == "cpu" else None)
+    start, written = time.perf_counter(), 0
+    bar = tqdm(total=len(pending), unit="img", desc="detect", disable=not progress or not pending,
+               dynamic_ncols=True)
+    try:
+        with map_batches(_detect_batch, jobs, workers, _init_worker, init_args) as results:
+            for records in results:
+                writer.write(records)
+                written += len(records)
+                bar.update(len(records))
+                bad = next((r for r in records if r["status"] == "error"), None)
+                if strict and bad:
+                    raise UserError(f"{root / bad['path']}: {bad['error']} (--strict stops at the "
+                                    "first bad file; the records so far are saved)")
+        seconds = time.perf_counter() - start
+        summary = manifest_summary(manifest)
+        summary.update(new=written, seconds=round(seconds, 2),
+                       images_per_s=round(written / seconds, 2) if written else 0.0)
+        writer.write([{"type": "summary", **summary}])
+        return summary
+    finally:
+        bar.close()
+        writer.close()

@@ -1,0 +1,241 @@
+"""The plain files that connect the stages, each defined once.
+
+- landmark manifest (JSON Lines, written by `detect`, read by `align`)
+- landmark text file (`path x1 y1 ... x5 y5`, the form published landmark files take)
+- training list (`path label`, written by `list`, read by `train`)
+
+docs/formats.md describes them for people; this module is the definition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from spherecli import UserError, __version__
+
+MANIFEST_FORMAT = "spherecli.manifest"
+MANIFEST_VERSION = 1
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
+
+
+# --------------------------------------------------------------------------- JSON Lines
+
+def repair_tail(path: str | Path) -> None:
+    """Drop an unterminated last line, the only damage a killed appender can leave."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = size
+        while pos > 0:
+            step = min(65536, pos)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                f.truncate(pos - step + cut + 1)
+                return
+            pos -= step
+        f.truncate(0)
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object); a bad line is an error naming file and line.
+
+    An unterminated last line is skipped silently: it is what a run killed in
+    the middle of a write leaves, and the next appender removes it.
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                return
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except ValueError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object")
+            yield lineno, obj
+
+
+class JsonlAppender:
+    """Appends records, one flushed and fsynced write per batch."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                repair_tail(self.path)
+            self.file = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror or e}") from None
+
+    def write(self, records: Iterable[dict]) -> None:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        if text:
+            self.file.write(text)
+            self.file.flush()
+            os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --------------------------------------------------------------------------- manifest
+
+def manifest_header(root: str | Path, settings: dict) -> dict:
+    return {"type": "header", "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+            "tool": f"spherecli {__version__}", "root": str(Path(root).resolve()),
+            "settings": settings}
+
+
+def read_manifest(path: str | Path) -> tuple[dict, Iterator[dict]]:
+    """Return (header, iterator over image records) of a manifest."""
+    lines = read_jsonl(path)
+    first = next(lines, None)
+    if first is None or first[1].get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path}:1: not a spherecli landmark manifest (no header line)")
+    header = first[1]
+    if header.get("version", 0) > MANIFEST_VERSION:
+        raise UserError(f"{path}:1: manifest version {header['version']} is newer than this "
+                        f"spherecli ({__version__}) understands")
+
+    def records():
+        for lineno, rec in lines:
+            if rec.get("type") == "image":
+                if "path" not in rec or "status" not in rec:
+                    raise UserError(f"{path}:{lineno}: image record without path or status")
+                yield rec
+
+    return header, records()
+
+
+def manifest_summary(path: str | Path) -> dict:
+    """Counts over a whole manifest (all runs that appended to it)."""
+    _, records = read_manifest(path)
+    counts = {"images": 0, "ok": 0, "no_face": 0, "error": 0}
+    latest = {}
+    for rec in records:
+        latest[rec["path"]] = rec["status"]
+    for status in latest.values():
+        counts["images"] += 1
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------------- landmark text file
+
+def is_manifest(path: str | Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(1) == b"{"
+
+
+def read_landmark_file(path: str | Path) -> Iterator[dict]:
+    """Records from a `relative/path.jpg x1 y1 ... x5 y5` text file.
+
+    The path is everything before the last ten fields, so names with spaces work.
+    """
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.rsplit(None, 10)
+            if len(fields) != 11:
+                raise UserError(f"{path}:{lineno}: expected 'path x1 y1 ... x5 y5' "
+                                f"(a path and 10 numbers), got {len(fields)} fields")
+            try:
+                xy = [float(v) for v in fields[1:]]
+            except ValueError:
+                raise UserError(f"{path}:{lineno}: landmark coordinates must be numbers") from None
+            yield {"path": fields[0], "status": "ok",
+                   "landmarks": [xy[i:i + 2] for i in range(0, 10, 2)]}
+
+
+# --------------------------------------------------------------------------- training list
+
+def write_list(path: str | Path, items: Iterable[tuple[str, int]]) -> None:
+    text = "".join(f"{p} {label}\n" for p, label in items)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_list(path: str | Path, root: str | Path | None = None) -> list[tuple[str, int]]:
+    """Read a `path label` list. Relative paths resolve against root, by
+    default the list file's own folder. Paths may contain spaces."""
+    path = Path(path)
+    base = Path(root) if root is not None else path.parent
+    items = []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read list {path}: {e.strerror or e}") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.rsplit(None, 1)
+            if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+                raise UserError(f"{path}:{lineno}: expected '<image path> <integer label>', "
+                                f"got {line[:80]!r}")
+            label = int(fields[1])
+            if label < 0:
+                raise UserError(f"{path}:{lineno}: labels start at 0, got {label}")
+            p = fields[0]
+            items.append((p if os.path.isabs(p) else str(base / p), label))
+    if not items:
+        raise UserError(f"{path}: the list is empty")
+    return items
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_FORMAT = "spherecli.checkpoint"   # everything needed to resume training
+MODEL_FORMAT = "spherecli.model"             # the feature network alone, for inference
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """torch.save, atomically: a kill mid-write leaves the previous file intact.
+
+    Only tensors, numbers, strings, lists and dicts go in, so both kinds load
+    with torch.load(weights_only=True).
+    """
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, expect: str | None = None) -> dict:
+    """Load a checkpoint or model file; expect limits it to one of the two formats."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - pickle errors come in many types
+        raise UserError(f"{path}: not a readable spherecli checkpoint ({str(e).splitlines()[0]})") from None
+    kind = state.get("format") if isinstance(state, dict) else None
+    if kind not in (CHECKPOINT_FORMAT, MODEL_FORMAT) or (expect and kind != expect):
+        raise UserError(f"{path}: not a spherecli {'training checkpoint' if expect == CHECKPOINT_FORMAT else 'model'}")
+    return state

@@ -1,0 +1,76 @@
+"""Stage 3: the training list, one `path label` line per aligned image."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from spherecli import UserError
+from spherecli.formats import write_list
+from spherecli.images import identity_of, walk_images
+
+# CASIA-WebFace identities that are also in LFW; the original drops them so
+# that LFW stays unseen.
+CASIA_LFW_OVERLAP = ("0166921", "1056413", "1193098")
+
+
+def read_exclusions(values: list[str]) -> set[str]:
+    """Identity names, given directly or as files of names (one per line)."""
+    names = set()
+    for value in values:
+        if os.path.isfile(value):
+            with open(value, encoding="utf-8") as f:
+                names.update(line.strip() for line in f if line.strip() and not line.startswith("#"))
+        else:
+            names.update(v for v in value.split(",") if v)
+    return names
+
+
+def build_list(aligned_dirs: list[str | Path], output: str | Path, *, exclude: set[str] = frozenset(),
+               min_images: int = 1, relative: bool = False) -> dict:
+    """Write the list for the identity folders under aligned_dirs; return its counts.
+
+    Labels are 0..C-1 over the sorted identity names, so the same folders
+    always give the same labels. Several folders (e.g. shards aligned
+    separately) merge by identity name. Paths are absolute unless relative
+    is set, in which case they are relative to the list file's folder,
+    where `train` resolves them.
+    """
+    output = Path(output).resolve()
+    per_identity: dict[str, list[str]] = {}
+    excluded = set()
+    for directory in aligned_dirs:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise UserError(f"{directory}: no such directory")
+        for rel in walk_images(directory):
+            identity = identity_of(rel)
+            if identity in exclude:
+                excluded.add(identity)
+            if identity is None or identity in exclude:
+                continue
+            path = (directory / rel).resolve()
+            per_identity.setdefault(identity, []).append(
+                os.path.relpath(path, output.parent) if relative else str(path))
+    kept = {k: v for k, v in per_identity.items() if len(v) >= min_images}
+    if not kept:
+        raise UserError(f"no identity folder with at least {min_images} images under "
+                        f"{', '.join(map(str, aligned_dirs))}")
+    names = sorted(kept)
+    try:
+        write_list(output, ((p, label) for label, name in enumerate(names) for p in kept[name]))
+    except OSError as e:
+        raise UserError(f"cannot write {output}: {e.strerror or e}") from None
+    sizes = np.array([len(kept[n]) for n in names])
+    summary = {"list": str(output), "identities": len(names), "images": int(sizes.sum()),
+               "per_identity_min": int(sizes.min()), "per_identity_median": float(np.median(sizes)),
+               "per_identity_max": int(sizes.max()),
+               "dropped_identities": len(per_identity) - len(kept),
+               "excluded": sorted(excluded),
+               "names": names}
+    Path(str(output) + ".json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
+    return summary

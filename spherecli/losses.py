@@ -1,0 +1,214 @@
+"""Classification heads ("margin heads") that turn face features into logits.
+
+Every head has the same interface: `head(features, labels) -> logits`, to be
+fed to ordinary softmax cross-entropy; the margin, if any, is applied to
+the target class's logit. Heads compute in fp32 whatever the autocast
+state, because cos(m theta) polynomials and margins lose their meaning in
+half precision. To add a head, write a class here and add it to HEADS.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spherecli import UserError
+from spherecli.models.sphereface import caffe_xavier_
+
+EPS = 1e-12
+
+
+def _fp32(fn):
+    """Run a head's forward in fp32 even inside an autocast region."""
+    def forward(self, features, labels):
+        with torch.autocast(features.device.type, enabled=False):
+            return fn(self, features.to(torch.promote_types(features.dtype, torch.float32)), labels)
+    forward.__doc__ = fn.__doc__
+    return forward
+
+
+class Softmax(nn.Module):
+    """Plain softmax: an inner product with bias (the paper's baseline)."""
+
+    def __init__(self, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(feature_dim, num_classes)
+        caffe_xavier_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    @_fp32
+    def forward(self, features, labels):
+        return self.fc(features)
+
+
+def chebyshev(c: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T_m(c) = cos(m theta) and its derivative m U_{m-1}(c), for c = cos(theta)."""
+    t_prev, t = torch.ones_like(c), c
+    u_prev, u = torch.zeros_like(c), torch.ones_like(c)  # U_{-1}, U_0
+    for _ in range(m - 1):
+        t_prev, t = t, 2 * c * t - t_prev
+        u_prev, u = u, 2 * c * u - u_prev
+    return t, m * u
+
+
+def psi(c: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """psi(theta) = (-1)^k cos(m theta) - 2k on [k pi/m, (k+1) pi/m], and d psi / d cos.
+
+    k comes from sign tests against cos(j pi / m), not from arccos, as in
+    the original layer; at the interval ends psi is continuous so the test
+    direction does not matter.
+    """
+    k = torch.zeros_like(c)
+    for j in range(1, m):
+        k = k + (c < math.cos(j * math.pi / m)).to(c.dtype)
+    sign = 1 - 2 * torch.remainder(k, 2)
+    t, dt = chebyshev(c, m)
+    return sign * t - 2 * k, sign * dt
+
+
+class _CaffeMarginProduct(torch.autograd.Function):
+    """A-Softmax logits with the original Caffe layer's backward pass.
+
+    Forward: x.w_j for every class, (lambda |x| cos + |x| psi) / (1 + lambda)
+    for the target. Backward, as MarginInnerProductLayer computes it: the
+    target's psi term contributes coeff_w w + coeff_x x with the two
+    coefficients divided by their joint norm (the "Backward gradient" note
+    of the original README), and the weights get the plain inner-product
+    gradient, treating the (already normalised) weights as free.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, labels, lam, m):
+        logits = x @ weight.t()
+        norm = x.norm(dim=1).clamp_min(EPS)
+        c = (logits.gather(1, labels[:, None])[:, 0] / norm).clamp(-1, 1)
+        p, dp = psi(c, m)
+        target = (lam * norm * c + norm * p) / (1 + lam)
+        ctx.save_for_backward(x, weight, labels, norm, c, p, dp)
+        ctx.lam = lam
+        return logits.scatter(1, labels[:, None], target[:, None])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, labels, norm, c, p, dp = ctx.saved_tensors
+        lam = ctx.lam
+        grad_w = grad.t() @ x
+        w_y = weight[labels]
+        g_y = grad.gather(1, labels[:, None])
+        coeff_w = dp
+        coeff_x = (p - c * dp) / norm
+        scale = torch.sqrt(coeff_w ** 2 + coeff_x ** 2).clamp_min(EPS)
+        coeff_w, coeff_x = (coeff_w / scale)[:, None], (coeff_x / scale)[:, None]
+        # grad @ W gives every class g_j w_j; swap the target's share for the layer's.
+        grad_x = grad @ weight + g_y * ((lam / (1 + lam) - 1) * w_y
+                                        + (coeff_w * w_y + coeff_x * x) / (1 + lam))
+        return grad_x, grad_w, None, None, None
+
+
+class ASoftmax(nn.Module):
+    """A-Softmax (SphereFace): angular margin m with the annealed lambda.
+
+    lambda = max(lambda_min, base * (1 + gamma * t)^(-power)), t the training
+    iteration (counted from 1, as the original increments before use).
+    `hold` keeps lambda at `base` for the first `hold` iterations and starts
+    the decay after them (0 = the original schedule). `s` replaces |x| by a
+    fixed scale (the feature-normalised variant; None = the original). `backward` is "original"
+    (the Caffe layer's normalised gradient, with weights renormalised in
+    place) or "exact" (autograd through every operation).
+    """
+
+    def __init__(self, feature_dim: int, num_classes: int, m: int = 4, base: float = 1000.0,
+                 gamma: float = 0.12, power: float = 1.0, lambda_min: float = 5.0, hold: int = 0,
+                 s: float | None = None, backward: str = "original"):
+        super().__init__()
+        if m not in (1, 2, 3, 4):
+            raise UserError(f"A-Softmax margin m must be 1, 2, 3 or 4, got {m}")
+        if backward not in ("original", "exact"):
+            raise UserError(f"backward must be 'original' or 'exact', got {backward!r}")
+        self.weight = nn.Parameter(caffe_xavier_(torch.empty(num_classes, feature_dim)))
+        self.m, self.base, self.gamma, self.power = int(m), base, gamma, power
+        self.lambda_min, self.hold, self.s, self.backward = lambda_min, hold, s, backward
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+
+    def lambda_at(self, t: int) -> float:
+        t = max(0, t - self.hold)
+        return max(self.lambda_min, self.base * (1 + self.gamma * t) ** (-self.power))
+
+    @_fp32
+    def forward(self, features, labels):
+        if self.training:
+            self.iteration += 1
+        lam = self.lambda_at(int(self.iteration))
+        self.last_lambda = lam
+        x = features if self.s is None else self.s * F.normalize(features, dim=1, eps=EPS)
+        if self.backward == "original":
+            with torch.no_grad():
+                self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(EPS))
+            return _CaffeMarginProduct.apply(x, self.weight, labels, lam, self.m)
+        w = F.normalize(self.weight, dim=1, eps=EPS)
+        logits = x @ w.t()
+        norm = x.norm(dim=1).clamp_min(EPS)
+        c = (logits.gather(1, labels[:, None])[:, 0] / norm).clamp(-1, 1)
+        p, _ = psi(c, self.m)
+        target = (lam * norm * c + norm * p) / (1 + lam)
+        return logits.scatter(1, labels[:, None], target[:, None])
+
+
+class _NormalisedHead(nn.Module):
+    """Shared by the heads that score cos(theta) between unit features and unit weights."""
+
+    def __init__(self, feature_dim: int, num_classes: int, s: float, m: float):
+        super().__init__()
+        self.weight = nn.Parameter(caffe_xavier_(torch.empty(num_classes, feature_dim)))
+        self.s, self.m = s, m
+
+    def cosines(self, features):
+        return F.normalize(features, dim=1, eps=EPS) @ F.normalize(self.weight, dim=1, eps=EPS).t()
+
+    @_fp32
+    def forward(self, features, labels):
+        cos = self.cosines(features).clamp(-1, 1)
+        c = cos.gather(1, labels[:, None])
+        return self.s * cos.scatter(1, labels[:, None], self.margin(c))
+
+
+class CosFace(_NormalisedHead):
+    """CosFace / AM-Softmax: s (cos(theta_y) - m)."""
+
+    def __init__(self, feature_dim: int, num_classes: int, s: float = 64.0, m: float = 0.35):
+        super().__init__(feature_dim, num_classes, s, m)
+
+    def margin(self, c):
+        return c - self.m
+
+
+class ArcFace(_NormalisedHead):
+    """ArcFace: s cos(theta_y + m), linearised past theta = pi - m so it stays monotonic."""
+
+    def __init__(self, feature_dim: int, num_classes: int, s: float = 64.0, m: float = 0.5):
+        super().__init__(feature_dim, num_classes, s, m)
+
+    def margin(self, c):
+        # sin from cos, clamped away from 0 so the gradient stays finite at cos = +-1.
+        sin = torch.sqrt((1 - c * c).clamp_min(1e-7))
+        shifted = c * math.cos(self.m) - sin * math.sin(self.m)
+        return torch.where(c > math.cos(math.pi - self.m), shifted,
+                           c - math.sin(math.pi - self.m) * self.m)
+
+
+HEADS = {"softmax": Softmax, "asoftmax": ASoftmax, "cosface": CosFace, "arcface": ArcFace}
+
+
+def create_head(name: str, feature_dim: int, num_classes: int, **options) -> nn.Module:
+    """Build a head; options that the head does not take are ignored."""
+    import inspect
+
+    if name not in HEADS:
+        raise UserError(f"unknown head {name!r}; choose one of {', '.join(HEADS)}")
+    cls = HEADS[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(feature_dim, num_classes, **{k: v for k, v in options.items()
+                                            if k in accepted and v is not None})

@@ -1,0 +1,20 @@
+"""Face feature networks by name. To add a family, add a module and its builders here."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from spherecli import UserError
+from spherecli.models.sphereface import sphere4, sphere10, sphere20, sphere36, sphere64
+
+ARCHS = {f.__name__: f for f in (sphere4, sphere10, sphere20, sphere36, sphere64)}
+
+
+def create_model(arch: str, input_size=(112, 96), feature_dim: int = 512) -> nn.Module:
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    return ARCHS[arch](input_size=tuple(input_size), feature_dim=feature_dim)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

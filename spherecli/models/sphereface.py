@@ -1,0 +1,78 @@
+"""SphereFace networks (Liu et al., CVPR 2017): 4, 10, 20, 36 and 64 layers.
+
+Four stages of 64, 128, 256, 512 channels. Each stage opens with a 3x3
+stride-2 convolution (with bias) and continues with residual units of two
+3x3 convolutions (no bias) around an identity skip. Every convolution is
+followed by a per-channel PReLU; there is no batch normalisation. A fully
+connected layer fc5 maps the last feature map to the 512-d face feature.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+CHANNELS = (64, 128, 256, 512)
+UNITS = {4: (0, 0, 0, 0), 10: (0, 1, 2, 0), 20: (1, 2, 4, 1), 36: (2, 4, 8, 2), 64: (3, 8, 16, 3)}
+
+
+def caffe_xavier_(tensor: torch.Tensor) -> torch.Tensor:
+    """Caffe's "xavier" filler: uniform on +-sqrt(3 / fan_in).
+
+    Not torch's xavier_uniform_, which averages fan_in and fan_out.
+    """
+    fan_in = tensor[0].numel()
+    bound = math.sqrt(3.0 / fan_in)
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound)
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.prelu1 = nn.PReLU(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.prelu2 = nn.PReLU(channels)
+        for conv in (self.conv1, self.conv2):
+            nn.init.normal_(conv.weight, std=0.01)
+
+    def forward(self, x):
+        return x + self.prelu2(self.conv2(self.prelu1(self.conv1(x))))
+
+
+class SphereNet(nn.Module):
+    def __init__(self, units=(1, 2, 4, 1), input_size=(112, 96), feature_dim: int = 512):
+        super().__init__()
+        layers, cin = [], 3
+        for cout, n in zip(CHANNELS, units):
+            conv = nn.Conv2d(cin, cout, 3, 2, 1, bias=True)
+            caffe_xavier_(conv.weight)
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.PReLU(cout)] + [Residual(cout) for _ in range(n)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        h, w = input_size
+        for _ in CHANNELS:  # each stride-2 stage: n -> ceil(n / 2)
+            h, w = (h + 1) // 2, (w + 1) // 2
+        self.fc5 = nn.Linear(cin * h * w, feature_dim)
+        caffe_xavier_(self.fc5.weight)
+        nn.init.zeros_(self.fc5.bias)
+        self.input_size = tuple(input_size)
+        self.feature_dim = feature_dim
+
+    def forward(self, x):
+        return self.fc5(torch.flatten(self.features(x), 1))
+
+
+def _builder(depth: int):
+    def build(input_size=(112, 96), feature_dim: int = 512) -> SphereNet:
+        return SphereNet(UNITS[depth], input_size, feature_dim)
+    build.__name__ = f"sphere{depth}"
+    build.__doc__ = f"SphereFace-{depth}: residual units per stage {UNITS[depth]}."
+    return build
+
+
+sphere4, sphere10, sphere20, sphere36, sphere64 = (_builder(d) for d in UNITS)
