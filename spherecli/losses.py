@@ -129,7 +129,7 @@ class ASoftmax(nn.Module):
         if backward not in ("original", "exact"):
             raise UserError(f"backward must be 'original' or 'exact', got {backward!r}")
         self.weight = nn.Parameter(caffe_xavier_(torch.empty(num_classes, feature_dim)))
-        self.m, self.base, self.gamma, self.power = int(m), base, gamma, power
+        self.m, self.base, self.gamma, self.power = int(m), base, gamma, power  # 4.0 -> 4
         self.lambda_min, self.hold, self.s, self.backward = lambda_min, hold, s, backward
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 

@@ -15,8 +15,7 @@ import os
 import signal
 import threading
 import time
-import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,120 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from spherecli import UserError, __version__
+from spherecli.config import TrainConfig, to_toml
 from spherecli.data import EpochBatches, batches, check_images, load_face, normalize
 from spherecli.formats import (read_list, save_checkpoint, load_checkpoint, CHECKPOINT_FORMAT,
                                MODEL_FORMAT)
 from spherecli.losses import create_head
 from spherecli.models import create_model
-
-
-def opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    # data
-    list: str = opt("", "Training list from `sphereface list` (path label per line).")
-    root: str | None = opt(None, "Folder that relative list paths are relative to "
-                                 "[default: the list's folder].")
-    out: str = opt("runs/sphereface", "Run folder: config, log, checkpoints, model.")
-    skip_missing: bool = opt(False, "Leave out list lines whose image is missing (counted) "
-                                    "instead of stopping.")
-    cache: bool = opt(False, "Decode every image once into memory (fast on CPU; needs "
-                             "~32 KB per 112x96 image).")
-    workers: int = opt(4, "DataLoader worker processes per training process.")
-    # network
-    arch: str = opt("sphere20", "Network: sphere4, sphere10, sphere20, sphere36, sphere64.")
-    feature_dim: int = opt(512, "Face feature size (fc5 outputs).")
-    # head
-    head: str = opt("asoftmax", "Margin head: asoftmax, softmax, cosface, arcface.")
-    margin: float | None = opt(None, "Margin m [default: A-Softmax 4, CosFace 0.35, ArcFace 0.5].")
-    scale: float | None = opt(None, "Feature scale s [default: CosFace/ArcFace 64; A-Softmax "
-                                    "none, i.e. |x|; a value gives feature-normalised A-Softmax].")
-    lambda_base: float = opt(1000.0, "A-Softmax lambda = max(lambda_min, base (1 + gamma t)^-power).")
-    lambda_gamma: float = opt(0.12, "A-Softmax lambda decay gamma.")
-    lambda_power: float = opt(1.0, "A-Softmax lambda decay power.")
-    lambda_min: float = opt(5.0, "A-Softmax lambda floor.")
-    lambda_hold: int = opt(0, "Keep lambda at its base for this many iterations before the "
-                              "decay starts (0: the original).")
-    backward: str = opt("original", "A-Softmax gradient: original (the Caffe layer's normalised "
-                                    "gradient) or exact (autograd).")
-    # solver
-    batch_size: int = opt(256, "Images per process and iteration (Caffe: 256 per GPU).")
-    lr: float = opt(0.1, "Base learning rate.")
-    momentum: float = opt(0.9, "SGD momentum.")
-    weight_decay: float = opt(5e-4, "L2 weight decay.")
-    lr_steps: tuple = opt((16000, 24000), "Iterations where lr is multiplied by lr_factor; values "
-                                          "below 1 are fractions of max_iter.")
-    lr_factor: float = opt(0.1, "lr multiplier at each step.")
-    max_iter: int = opt(28000, "Iterations to train.")
-    warmup: int = opt(0, "Linear lr warm-up iterations (0: none, the original).")
-    clip_grad: float = opt(0.0, "Clip the gradient norm to this value (0: off, the original).")
-    caffe_param_rules: bool = opt(True, "Biases at 2x lr and no weight decay, as in the original.")
-    seed: int = opt(0, "Seed of the initial weights and of the data order.")
-    # devices
-    device: str = opt("auto", "cpu, cuda or auto (cuda when available).")
-    gpus: str | None = opt(None, "GPU ids, e.g. 0,1: one DDP process per GPU.")
-    nproc: int = opt(1, "Processes on this machine when --gpus is not given (CPU: gloo).")
-    amp: str = opt("none", "Mixed precision: none, bf16 or fp16 (fp16 with loss scaling).")
-    channels_last: bool = opt(False, "Channels-last memory format.")
-    compile: bool = opt(False, "torch.compile the network.")
-    # run control
-    display: int = opt(20, "Log every this many iterations.")
-    snapshot: int = opt(1000, "Checkpoint every this many iterations.")
-    init_from: str | None = opt(None, "Start from the network weights of this checkpoint or model "
-                                      "(e.g. a softmax-trained one); the head starts fresh.")
-    on_stall: str = opt("warn", "When the loss sits at ln C while features shrink: warn, stop "
-                                "or ignore.")
-
-
-CHOICES = {"head": ("asoftmax", "softmax", "cosface", "arcface"), "backward": ("original", "exact"),
-           "amp": ("none", "bf16", "fp16"), "on_stall": ("warn", "stop", "ignore")}
-
-
-def _coerce(name: str, value):
-    """A config value from TOML or the command line, as the field's type wants it."""
-    f = {f.name: f for f in fields(TrainConfig)}.get(name)
-    if f is None:
-        raise UserError(f"unknown training option {name!r}")
-    if value is None:
-        return None
-    if name == "lr_steps":
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        return tuple(float(v) if float(v) < 1 else int(float(v)) for v in value)
-    if name in CHOICES and value not in CHOICES[name]:
-        raise UserError(f"{name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
-    kind = type(f.default) if f.default is not None else (float if name in ("margin", "scale") else str)
-    try:
-        return kind(value) if kind is not bool or isinstance(value, bool) else value
-    except (TypeError, ValueError):
-        raise UserError(f"{name}: expected {kind.__name__}, got {value!r}") from None
-
-
-def load_config(path: str | Path | None = None, overrides: dict | None = None,
-                base: dict | None = None) -> TrainConfig:
-    """Defaults <- base (a resumed run's config) <- TOML file <- overrides (the command line)."""
-    values = dict(base or {})
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                values.update(tomllib.load(f))
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise UserError(f"{path}: {e}") from None
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
-
-
-def to_toml(cfg: TrainConfig) -> str:
-    def value(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(v)
-    return "".join(f"{k} = {value(v)}\n" for k, v in asdict(cfg).items() if v is not None)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -190,6 +81,15 @@ def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def autocast_dtype(amp: str, device: torch.device):
+    """The autocast dtype for --amp, None for fp32."""
+    if amp == "auto":
+        fast_bf16 = (torch.cuda.is_bf16_supported(including_emulation=False)
+                     if device.type == "cuda" else getattr(torch.cpu, "_is_amx_tile_supported", bool)())
+        return torch.bfloat16 if fast_bf16 else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+
 class Stopped(UserError):
     """Training stopped on purpose (divergence, stall); the last checkpoint is kept."""
 
@@ -223,7 +123,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     torch.manual_seed(cfg.seed)
     backbone = create_model(cfg.arch, input_size, cfg.feature_dim)
     head = create_head(cfg.head, cfg.feature_dim, num_classes,
-                       m=int(cfg.margin) if cfg.head == "asoftmax" and cfg.margin else cfg.margin,
+                       m=cfg.margin,
                        s=cfg.scale, base=cfg.lambda_base, gamma=cfg.lambda_gamma,
                        power=cfg.lambda_power, lambda_min=cfg.lambda_min, hold=cfg.lambda_hold,
                        backward=cfg.backward)
@@ -232,7 +132,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         trainee.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(param_groups(trainee, cfg.weight_decay, cfg.caffe_param_rules),
                                 lr=cfg.lr, momentum=cfg.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start = 0
     if resume:
         state = load_checkpoint(ckpt_path, CHECKPOINT_FORMAT)
@@ -260,7 +161,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
     sampler = EpochBatches(len(items), cfg.batch_size, world, rank, cfg.seed, start, cfg.max_iter)
     data = batches(items, sampler, cfg.workers, cfg.cache, pin=device.type == "cuda")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     meta = {"arch": cfg.arch, "input_size": list(input_size), "feature_dim": cfg.feature_dim,
             "head_name": cfg.head, "num_classes": num_classes, "config": asdict(cfg),
             "tool": f"spherecli {__version__}"}
@@ -278,11 +178,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if main:
         log.note(f"{len(items)} images, {num_classes} identities"
                  + (f", {missing} missing images skipped" if missing else "")
-                 + f"; {cfg.arch} + {cfg.head} on {world} x {device}; batch {cfg.batch_size} x "
+                 + f"; {cfg.arch} + {cfg.head} on {world} x {device}"
+                 f" ({'fp32' if amp_dtype is None else str(amp_dtype)[6:]}); batch {cfg.batch_size} x "
                  f"{world} = {cfg.batch_size * world} per iteration; iterations {start}..{cfg.max_iter}")
     stats = torch.zeros(5, device=device)  # loss sum, correct, feature norm sum, images, stop
     interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if main_thread() else None
+
+    def on_interrupt(*_):
+        if interrupted:  # a second Ctrl-C does not wait for the checkpoint
+            raise KeyboardInterrupt
+        interrupted.append(1)
+
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt) if main_thread() else None
     model.train()
     try:
         for it in range(start, cfg.max_iter):

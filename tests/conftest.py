@@ -37,3 +37,21 @@ def lfw_sample(data, tmp_path_factory) -> Path:
     people = [p for p in sorted(os.listdir(lfw)) if len(os.listdir(lfw / p)) >= 4][:12]
     rel = [f"{p}/{f}" for p in people for f in sorted(os.listdir(lfw / p))[:4]]
     return copy_images(lfw, tmp_path_factory.mktemp("lfw"), rel)
+
+
+@pytest.fixture(scope="session")
+def celeba_list(data, tmp_path_factory) -> Path:
+    """A training list of 16 real CelebA identities x 10 faces, detected and aligned by the pipeline."""
+    from spherecli.align import align_manifests
+    from spherecli.detect import detect_tree
+    from spherecli.lists import build_list
+
+    celeba = data / "celeba"
+    people = [p for p in sorted(os.listdir(celeba)) if len(os.listdir(celeba / p)) >= 10][:16]
+    rel = [f"{p}/{f}" for p in people for f in sorted(os.listdir(celeba / p))[:10]]
+    work = tmp_path_factory.mktemp("celeba")
+    copy_images(celeba, work / "raw", rel)
+    detect_tree(work / "raw", work / "m.jsonl", progress=False)
+    align_manifests([work / "m.jsonl"], work / "aligned", progress=False)
+    build_list([work / "aligned"], work / "train.txt")
+    return work / "train.txt"

@@ -1,0 +1,151 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spherecli import UserError
+from spherecli.losses import HEADS, ASoftmax, ArcFace, CosFace, create_head, psi
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_target_logit_is_the_piecewise_psi_on_every_branch(m):
+    """(lambda |x| cos + |x| psi) / (1 + lambda), psi = (-1)^k cos(m theta) - 2k on [k pi/m, (k+1) pi/m]."""
+    torch.manual_seed(m)
+    head = ASoftmax(2, 3, m=m, base=3.0, gamma=0.0, lambda_min=0.0).double().eval()  # lambda = 3
+    w0 = F.normalize(head.weight[0].detach(), dim=0)
+    # Angles across all m branches (avoiding the exact boundaries), radius 2.5.
+    theta = torch.tensor([(k + f) * math.pi / m for k in range(m) for f in (0.1, 0.5, 0.9)],
+                         dtype=torch.double)
+    base_angle = torch.atan2(w0[1], w0[0])
+    x = 2.5 * torch.stack([torch.cos(base_angle + theta), torch.sin(base_angle + theta)], 1)
+    logits = head(x, torch.zeros(len(x), dtype=torch.long))
+    k = torch.floor(theta * m / math.pi)
+    expected_psi = (-1) ** k * torch.cos(m * theta) - 2 * k
+    expected = (3 * 2.5 * torch.cos(theta) + 2.5 * expected_psi) / 4
+    torch.testing.assert_close(logits[:, 0], expected, rtol=1e-9, atol=1e-9)
+    # The other classes get the plain inner product with the normalised weight.
+    w = F.normalize(head.weight.detach(), dim=1)
+    torch.testing.assert_close(logits[:, 1:], x @ w[1:].t())
+
+
+def test_psi_is_continuous_and_decreasing():
+    c = torch.linspace(1, -1, 20001, dtype=torch.double)
+    for m in (1, 2, 3, 4):
+        p, _ = psi(c, m)
+        assert (p[1:] <= p[:-1] + 1e-9).all(), f"psi not monotonic for m={m}"
+        assert p[-1].item() == pytest.approx(-2 * m + 1)
+
+
+def test_lambda_schedule_at_known_iterations():
+    head = ASoftmax(4, 3)  # base 1000, gamma 0.12, power 1, lambda_min 5
+    assert head.lambda_at(1) == pytest.approx(1000 / 1.12)
+    assert head.lambda_at(100) == pytest.approx(1000 / 13)
+    assert head.lambda_at(1658) == pytest.approx(1000 / (1 + 0.12 * 1658))
+    assert head.lambda_at(1659) == 5.0 and head.lambda_at(28000) == 5.0
+    held = ASoftmax(4, 3, hold=400)
+    assert held.lambda_at(400) == 1000 and held.lambda_at(401) == pytest.approx(1000 / 1.12)
+    # Training forwards count iterations from 1, as the original increments before use.
+    x, y = torch.randn(2, 4), torch.tensor([0, 1])
+    head.train()
+    head(x, y)
+    assert head.last_lambda == pytest.approx(1000 / 1.12)
+    head(x, y)
+    assert int(head.iteration) == 2 and head.last_lambda == pytest.approx(1000 / 1.24)
+    head.eval()
+    head(x, y)
+    assert int(head.iteration) == 2
+
+
+def caffe_quadruple_grad(x, w, label, lam, top_diff):
+    """The Caffe layer's m=4 backward, written out by hand in numpy."""
+    wn = w / np.linalg.norm(w, axis=1, keepdims=True)
+    grad_x = top_diff @ wn
+    norm = np.linalg.norm(x)
+    c = wn[label] @ x / norm
+    sign_0 = np.sign(c)
+    sign_3 = sign_0 * np.sign(2 * c * c - 1)
+    sign_4 = 2 * sign_0 + sign_3 - 3
+    coeff_w = sign_3 * (32 * c ** 3 - 16 * c)
+    coeff_x = -1 / norm * (sign_3 * (24 * c ** 4 - 8 * c ** 2 - 1) - sign_4)
+    coeff_norm = math.sqrt(coeff_w ** 2 + coeff_x ** 2)
+    g = top_diff[label]
+    grad_x += -g * wn[label] + lam / (1 + lam) * g * wn[label]
+    grad_x += g / (1 + lam) * (coeff_w / coeff_norm * wn[label] + coeff_x / coeff_norm * x)
+    grad_w = np.outer(top_diff, x)
+    return grad_x, grad_w
+
+
+@pytest.mark.parametrize("angle", [0.3, 1.0, 2.0, 2.8])
+def test_original_backward_matches_the_hand_derived_caffe_gradient(angle):
+    w = np.array([[1.0, 0.0, 0.0], [0.2, 1.5, -0.3], [-0.7, 0.1, 0.9]])
+    x = 2.0 * np.array([math.cos(angle), math.sin(angle), 0.4])
+    top_diff = np.array([0.3, -0.8, 0.5])
+    head = ASoftmax(3, 3, m=4, base=7.0, gamma=0.0, lambda_min=0.0, backward="original").double().eval()
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(w))
+    xt = torch.tensor(x[None], requires_grad=True)
+    logits = head(xt, torch.tensor([0]))
+    logits.backward(torch.tensor(top_diff[None]))
+    gx, gw = caffe_quadruple_grad(x, w, 0, 7.0, top_diff)
+    np.testing.assert_allclose(xt.grad[0].numpy(), gx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(head.weight.grad.numpy(), gw, rtol=1e-10, atol=1e-12)
+    # The forward pass renormalised the stored weights in place, as Caffe does.
+    np.testing.assert_allclose(head.weight.detach().norm(dim=1).numpy(), 1.0)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_exact_backward_is_the_true_gradient(m):
+    torch.manual_seed(0)
+    head = ASoftmax(6, 4, m=m, base=2.0, gamma=0.0, lambda_min=0.0, backward="exact").double().eval()
+    x = torch.randn(5, 6, dtype=torch.double, requires_grad=True)
+    y = torch.randint(0, 4, (5,))
+    assert torch.autograd.gradcheck(lambda x: head(x, y), (x,))
+    # Both modes give the same forward values.
+    original = ASoftmax(6, 4, m=m, base=2.0, gamma=0.0, lambda_min=0.0).double().eval()
+    original.load_state_dict(head.state_dict())
+    torch.testing.assert_close(original(x, y), head(x, y))
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+@pytest.mark.parametrize("backward", ["original", "exact"])
+def test_no_nan_for_zero_features_or_cos_at_plus_minus_one(name, backward):
+    torch.manual_seed(0)
+    head = create_head(name, 4, 3, backward=backward)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3, 4)) if hasattr(head, "weight") else None
+    x = torch.tensor([[0.0, 0, 0, 0], [2.0, 0, 0, 0], [-3.0, 0, 0, 0], [0, 1e-30, 0, 0]],
+                     requires_grad=True)
+    y = torch.tensor([0, 0, 0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(x, y)
+    assert logits.dtype == torch.float32
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    assert torch.isfinite(logits).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_cosface_and_arcface_margins():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
+    cos_head = CosFace(8, 3, s=30.0, m=0.35)
+    arc_head = ArcFace(8, 3, s=30.0, m=0.5)
+    arc_head.weight = cos_head.weight
+    cos = F.normalize(x) @ F.normalize(cos_head.weight).t()
+    target = cos.gather(1, y[:, None])[:, 0]
+    torch.testing.assert_close(cos_head(x, y).gather(1, y[:, None])[:, 0], 30 * (target - 0.35))
+    theta = torch.acos(target)
+    expected = torch.where(theta + 0.5 < math.pi, torch.cos(theta + 0.5),
+                           target - math.sin(math.pi - 0.5) * 0.5)
+    torch.testing.assert_close(arc_head(x, y).gather(1, y[:, None])[:, 0], 30 * expected)
+    other = torch.ones_like(cos, dtype=torch.bool).scatter(1, y[:, None], False)
+    torch.testing.assert_close(arc_head(x, y)[other], 30 * cos[other])
+
+
+def test_bad_head_options():
+    with pytest.raises(UserError, match="1, 2, 3 or 4"):
+        create_head("asoftmax", 4, 3, m=1.5)
+    with pytest.raises(UserError, match="unknown head"):
+        create_head("sphereloss", 4, 3)

@@ -1,0 +1,48 @@
+import math
+
+import pytest
+import torch
+
+from spherecli.models import ARCHS, count_parameters, create_model
+from spherecli.train import param_groups
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_feature_shape(arch):
+    model = create_model(arch)
+    assert model(torch.zeros(2, 3, 112, 96)).shape == (2, 512)
+    assert model.fc5.in_features == 512 * 7 * 6 == 21504
+
+
+def test_parameter_counts():
+    # SphereFace-20 is about 22.7 M parameters, fc5 (21,504 x 512) included.
+    assert count_parameters(create_model("sphere20")) == pytest.approx(22.7e6, rel=0.005)
+    fc5 = 21504 * 512 + 512
+    # Residual units add 2 x (9 C^2 + C PReLU slopes) each.
+    units = sum(n * 2 * (9 * c * c + c) for n, c in zip((1, 2, 4, 1), (64, 128, 256, 512)))
+    stages = sum(9 * cin * c + c + c for cin, c in zip((3, 64, 128, 256), (64, 128, 256, 512)))
+    assert count_parameters(create_model("sphere20")) == fc5 + units + stages
+    assert create_model("sphere20", (112, 112)).fc5.in_features == 512 * 7 * 7
+
+
+def test_original_initialisation():
+    torch.manual_seed(0)
+    model = create_model("sphere20")
+    stage = model.features[0]
+    bound = math.sqrt(3 / (3 * 9))  # Caffe xavier: U(+-sqrt(3 / fan_in))
+    assert stage.weight.abs().max() <= bound and stage.weight.abs().max() > 0.95 * bound
+    assert (stage.bias == 0).all() and (model.fc5.bias == 0).all()
+    residual = model.features[2].conv1
+    assert residual.weight.std().item() == pytest.approx(0.01, rel=0.05) and residual.bias is None
+    assert all((m.weight == 0.25).all() for m in model.modules() if isinstance(m, torch.nn.PReLU))
+
+
+def test_biases_get_double_lr_and_no_decay():
+    model = create_model("sphere4")
+    groups = param_groups(model, 5e-4, caffe_rules=True)
+    decay, bias = groups
+    assert (decay["lr_mult"], decay["weight_decay"]) == (1.0, 5e-4)
+    assert (bias["lr_mult"], bias["weight_decay"]) == (2.0, 0.0)
+    assert len(bias["params"]) == 5  # four stage convolutions and fc5
+    plain = param_groups(model, 5e-4, caffe_rules=False)
+    assert len(plain) == 1 and len(plain[0]["params"]) == len(list(model.parameters()))
