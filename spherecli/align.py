@@ -131,26 +131,48 @@ def _align_batch(batch: list[tuple[str, bool, str, list]]) -> list[tuple[str, st
 def align_manifests(sources: list[str | Path], out: str | Path, *, root: str | None = None,
                     size: tuple[int, int] = (112, 96), jpeg_quality: int = 95,
                     workers: int | None = None, overwrite: bool = False,
-                    progress: bool = True) -> dict:
-    """Align every face with landmarks in the given manifests or landmark files into out."""
+                    no_face: str = "skip", progress: bool = True) -> dict:
+    """Align every face with landmarks in the given manifests or landmark files into out.
+
+    Images where detection found no face are skipped and counted (the
+    original's rule), or with no_face="mean" cropped at the mean landmark
+    position of the source's other images, scaled to the image: for
+    benchmark sets of similar framing (LFW) where every image must be scored.
+    """
+    if no_face not in ("skip", "mean"):
+        raise UserError(f"no_face must be 'skip' or 'mean', got {no_face!r}")
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {out}: {e.strerror or e}") from None
-    counts = {"faces": 0, "aligned": 0, "existing": 0, "no_landmarks": 0, "error": 0}
+    counts = {"faces": 0, "aligned": 0, "existing": 0, "no_landmarks": 0, "mean_landmarks": 0,
+              "error": 0}
     todo = []
+
+    def add(src_root, exif, rel, landmarks):
+        if not overwrite and (out / rel).exists():
+            counts["existing"] += 1
+        else:
+            todo.append((src_root, exif, rel, landmarks))
+
     for source in sources:
         src_root, exif, records = _records(Path(source), root)
+        relative_sum, faceless = np.zeros((5, 2)), []
         for rec in records:
-            if rec["status"] != "ok" or not rec.get("landmarks"):
+            if rec["status"] == "ok" and rec.get("landmarks"):
+                counts["faces"] += 1
+                add(src_root, exif, rec["path"], rec["landmarks"])
+                if "width" in rec:
+                    relative_sum += np.array(rec["landmarks"]) / (rec["width"], rec["height"])
+            elif no_face == "mean" and rec["status"] == "no_face" and counts["faces"]:
+                faceless.append(rec)
+            else:
                 counts["no_landmarks"] += 1
-                continue
-            counts["faces"] += 1
-            if not overwrite and (out / rec["path"]).exists():
-                counts["existing"] += 1
-                continue
-            todo.append((src_root, exif, rec["path"], rec["landmarks"]))
+        mean = relative_sum / max(counts["faces"], 1)
+        for rec in faceless:
+            counts["mean_landmarks"] += 1
+            add(src_root, exif, rec["path"], (mean * (rec["width"], rec["height"])).tolist())
 
     batches = [todo[i:i + 64] for i in range(0, len(todo), 64)]
     workers = 1 if len(batches) < 2 else (workers or cpu_count())

@@ -116,8 +116,12 @@ def detect(root, output, min_face, factor, thresholds, select, all_faces, exif, 
               help="JPEG quality of the crops (Matlab's imwrite used 75).")
 @click.option("--workers", type=int, help="Processes.  [default: number of cores]")
 @click.option("--overwrite", is_flag=True, help="Redo crops that already exist.")
+@click.option("--no-face", type=click.Choice(["skip", "mean"]), default="skip",
+              help="Images without a detected face: skip them (original), or crop them at the "
+                   "mean landmark position of the other images (for test sets like LFW, where "
+                   "every image must be scored).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def align(sources, output, root, size, jpeg_quality, workers, overwrite, quiet):
+def align(sources, output, root, size, jpeg_quality, workers, overwrite, no_face, quiet):
     """Align the faces of one or more landmark manifests (or text files).
 
     A landmark text file has lines `relative/path.jpg x1 y1 x2 y2 ... x5 y5`
@@ -133,7 +137,8 @@ def align(sources, output, root, size, jpeg_quality, workers, overwrite, quiet):
         base = root or read_manifest(sources[0])[0]["root"]
         output = Path(f"{str(base).rstrip('/')}-{hw[0]}X{hw[1]}")
     summary = align_manifests(sources, output, root=root, size=hw, jpeg_quality=jpeg_quality,
-                              workers=workers, overwrite=overwrite, progress=not quiet)
+                              workers=workers, overwrite=overwrite, no_face=no_face,
+                              progress=not quiet)
     for line in summary.pop("errors"):
         console.print(f"[red]error[/red] {line}")
     show(f"align -> {output}", summary)
@@ -231,6 +236,81 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
     cfg, resuming = resolve(config_file, typed, resume)
     summary = launch(cfg, resuming, progress=not quiet)
     show(f"train -> {cfg.out}", summary)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+@cli.command()
+@click.option("--pairs", type=click.Path(dir_okay=False, exists=True), required=True,
+              help="Pair list in the LFW format (pairs.txt: header, then 'name i j' / 'name1 i name2 j').")
+@click.option("--model", type=click.Path(dir_okay=False, exists=True),
+              help="Checkpoint or model.pt from `sphereface train`.")
+@click.option("--data", type=click.Path(file_okay=False, exists=True),
+              help="Aligned images of the pair list (e.g. lfw-112X96).")
+@click.option("--features", type=click.Path(dir_okay=False, exists=True),
+              help="Evaluate features saved by --save-features instead of a model.")
+@click.option("--save-features", type=click.Path(dir_okay=False),
+              help="Write image names and features to this .npz.")
+@click.option("--pattern", default="{name}/{name}_{num:04d}.jpg",
+              help="Image path of (name, number) under --data.")
+@click.option("--flip", type=click.Choice(["concat", "sum", "none"]), default="concat",
+              help="Feature of an image and its mirror: concatenated (original), summed, or no mirror.")
+@click.option("--mean-subtract/--no-mean-subtract", default=True,
+              help="Subtract the other folds' mean feature before the cosine (original: yes).")
+@click.option("--skip-missing", is_flag=True, help="Score pairs with a missing image as failures.")
+@click.option("--arch", help="Expected network; a checkpoint of another one is refused.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Result JSON.  [default: MODEL-or-FEATURES.lfw.json]")
+@click.option("--roc", type=click.Path(dir_okay=False), help="Also draw the ROC curve into this PNG.")
+@click.option("--scores", type=click.Path(dir_okay=False),
+              help="Also write every pair's held-out score into this CSV.")
+@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=128, help="Images per forward pass.")
+@click.option("--workers", default=2, help="DataLoader worker processes.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def evaluate(pairs, model, data, features, save_features, pattern, flip, mean_subtract, skip_missing,
+             arch, output, roc, scores, device, batch_size, workers, quiet):
+    """Verification accuracy on a pair list (LFW view 2), as the original evaluation.m.
+
+    Prints the per-fold table and the mean; writes every number (folds,
+    thresholds, ROC AUC, EER, TAR at FAR 1e-3 and 1e-2, best single
+    threshold) to the result JSON.
+    """
+    import json
+
+    from spherecli.evaluate import evaluate as run, fold_table, json_ready, std_text
+
+    result = run(pairs, model=model, data=data, features=features, save_features=save_features,
+                 pattern=pattern, flip=flip, mean_subtract=mean_subtract, skip_missing=skip_missing,
+                 arch=arch, batch_size=batch_size, workers=workers, device=device, progress=not quiet)
+    table = Table("fold", "ACC (%)")
+    for fold, acc in fold_table(result):
+        table.add_row(fold, acc)
+    Console().print(table)
+    extra = (f"ROC AUC {result['roc_auc']:.4f}  EER {100 * result['eer']:.2f}%  "
+             f"TAR@FAR=1e-3 {100 * result['tar_at_far_0.001']:.2f}%  "
+             f"TAR@FAR=1e-2 {100 * result['tar_at_far_0.01']:.2f}%  "
+             f"best-threshold accuracy {100 * result['best_accuracy']:.2f}%")
+    Console().print(f"LFW accuracy {std_text(result)}  ({result['images']} images, "
+                    f"{result['missing']} missing)\n{extra}", highlight=False)
+    output = output or str(Path(model or features).with_suffix("")) + ".lfw.json"
+    Path(output).write_text(json.dumps(json_ready(result), indent=1) + "\n")
+    if roc:
+        from spherecli.plot import line_chart
+
+        curve = result["roc"]
+        keep = curve["far"] > 0
+        line_chart(roc, {f"AUC {result['roc_auc']:.4f}": (curve["far"][keep], curve["tar"][keep])},
+                   title="ROC", xlabel="false accept rate", ylabel="true accept rate", logx=True)
+    if scores:
+        from spherecli.evaluate import read_pairs
+
+        p = read_pairs(pairs, pattern)
+        with open(scores, "w", encoding="utf-8") as f:
+            f.write("left,right,same,score\n")
+            for a, b, same, score in zip(p.left, p.right, p.same, result["scores"]):
+                f.write(f"{a},{b},{int(same)},{score:.6f}\n")
+    console.print(f"wrote {output}", highlight=False)
 
 
 def main() -> None:

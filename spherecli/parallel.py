@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
@@ -34,8 +35,18 @@ def map_batches(fn: Callable, jobs: Iterable, workers: int, initializer: Callabl
         initializer(*initargs)
         yield map(fn, jobs)
         return
-    pool = mp.get_context("spawn").Pool(workers, _init, (initializer, initargs))
+    pool = _context().Pool(workers, _init, (initializer, initargs))
     try:
         yield pool.imap_unordered(fn, jobs)
     finally:
         pool.terminate()
+
+
+def _context():
+    """fork where it is safe: workers start in milliseconds instead of re-importing
+    torch for seconds. A process that has initialised CUDA cannot fork."""
+    torch = sys.modules.get("torch")
+    cuda_started = torch is not None and torch.cuda.is_initialized()
+    if "fork" in mp.get_all_start_methods() and not cuda_started:
+        return mp.get_context("fork")
+    return mp.get_context("spawn")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from spherecli import UserError
+from spherecli.formats import load_checkpoint
 from spherecli.models.sphereface import sphere4, sphere10, sphere20, sphere36, sphere64
 
 ARCHS = {f.__name__: f for f in (sphere4, sphere10, sphere20, sphere36, sphere64)}
@@ -18,3 +19,16 @@ def create_model(arch: str, input_size=(112, 96), feature_dim: int = 512) -> nn.
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_model(path, arch: str | None = None) -> tuple[nn.Module, dict]:
+    """The feature network of a checkpoint or model file, in eval mode, and the file's contents."""
+    state = load_checkpoint(path)
+    if arch and arch != state["arch"]:
+        raise UserError(f"{path} holds a {state['arch']} network, not {arch}")
+    model = create_model(state["arch"], state["input_size"], state["feature_dim"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit {state['arch']}: {str(e).splitlines()[0]}") from None
+    return model.eval(), state
