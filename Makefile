@@ -1,12 +1,14 @@
-# spherecli: `make demo` runs the whole pipeline on the bundled data, `make test` the tests.
+# spherecli
+#   make demo       install, then the whole pipeline on the bundled data (../shared/data)
+#   make test       install, then the tests
+#   make reproduce  the paper's recipe on CASIA-WebFace and LFW, on GPUs
+#   make bench      the benchmarks of docs/benchmarks.md
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SF     := $(VENV)/bin/sphereface
-DATA   ?= ../shared/data
-OUT    ?= out/demo
 
-.PHONY: install test demo clean
+.PHONY: install test demo reproduce bench clean
 
 install: $(VENV)/.installed
 
@@ -18,17 +20,63 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
-# Detect, align and list CelebA (training) and LFW (test). Every stage
-# resumes or skips finished work, so running it again is cheap.
+bench: install
+	$(PY) benchmarks/detect.py
+	$(PY) benchmarks/align.py
+	$(PY) benchmarks/train.py
+	$(PY) benchmarks/evaluate.py
+
+# --------------------------------------------------------------------------- demo
+# CelebA (998 identities) stands in for CASIA-WebFace, LFW is the test set.
+# Every stage resumes or skips finished work, so running it again is cheap.
+DATA   ?= ../shared/data
+OUT    ?= out/demo
+RECIPE ?= examples/celeba-sphere4-asoftmax.toml
+RUN    := $(OUT)/$(basename $(notdir $(RECIPE)))
+
 demo: install
-	@test -d $(DATA)/celeba -a -d $(DATA)/lfw || { \
-	  echo "No face data in $(DATA) (need celeba/, lfw/ and pairs.txt; set DATA=...)."; \
-	  echo "See README.md, 'Data', for where to get LFW and CASIA-WebFace."; exit 1; }
+	@test -d $(DATA)/celeba -a -d $(DATA)/lfw -a -f $(DATA)/pairs.txt || { \
+	  echo "make demo needs the bundled face data in $(DATA) (celeba/, lfw/, pairs.txt); it is not there."; \
+	  echo "Point DATA=... at a copy, or run the paper's recipe on your own data with"; \
+	  echo "  make reproduce CASIA=/path/to/CASIA-WebFace LFW=/path/to/lfw PAIRS=/path/to/pairs.txt"; \
+	  echo "(README.md, 'Data', says where to get LFW and CASIA-WebFace)."; exit 1; }
 	$(SF) detect $(DATA)/celeba -o $(OUT)/celeba.landmarks.jsonl
 	$(SF) align $(OUT)/celeba.landmarks.jsonl -o $(OUT)/celeba-112X96
 	$(SF) list $(OUT)/celeba-112X96 -o $(OUT)/celeba-112X96.txt
 	$(SF) detect $(DATA)/lfw -o $(OUT)/lfw.landmarks.jsonl
-	$(SF) align $(OUT)/lfw.landmarks.jsonl -o $(OUT)/lfw-112X96
+	$(SF) align $(OUT)/lfw.landmarks.jsonl -o $(OUT)/lfw-112X96 --no-face mean
+	$(SF) train --config $(RECIPE) --list $(OUT)/celeba-112X96.txt --out $(RUN) --resume
+	$(SF) evaluate --pairs $(DATA)/pairs.txt --model $(RUN)/model.pt --data $(OUT)/lfw-112X96
+
+# --------------------------------------------------------------------------- reproduce
+# The original release end to end: SphereFace-20, A-Softmax m=4, 28k iterations
+# of batch 256 per GPU on CASIA-WebFace, then LFW. TRAIN_ARGS adds or overrides
+# training options (e.g. TRAIN_ARGS="--amp none" for the original fp32).
+CASIA      ?= data/CASIA-WebFace
+LFW        ?= data/lfw
+PAIRS      ?= data/pairs.txt
+GPUS       ?= 0,1
+ROUT       ?= out/reproduce
+TRAIN_ARGS ?=
+DEVICE     := $(if $(GPUS),--device cuda,--device cpu)
+
+reproduce: install
+	@test -d $(CASIA) -a -d $(LFW) -a -f $(PAIRS) || { \
+	  echo "make reproduce needs CASIA-WebFace, LFW and LFW's pairs.txt:"; \
+	  echo "  CASIA=$(CASIA)  (CASIA-WebFace: 10,575 identity folders, ~494k images; request it from"; \
+	  echo "                   its authors, Yi et al. 2014, 'Learning Face Representation from Scratch')"; \
+	  echo "  LFW=$(LFW)      (http://vis-www.cs.umass.edu/lfw/: lfw.tgz, unpacked to <name>/<name>_NNNN.jpg)"; \
+	  echo "  PAIRS=$(PAIRS)  (the same site: pairs.txt, view 2)"; \
+	  echo "Then: make reproduce CASIA=... LFW=... PAIRS=... GPUS=0,1"; exit 1; }
+	$(SF) detect $(CASIA) -o $(ROUT)/casia.landmarks.jsonl $(DEVICE)
+	$(SF) align $(ROUT)/casia.landmarks.jsonl -o $(ROUT)/CASIA-WebFace-112X96
+	$(SF) list $(ROUT)/CASIA-WebFace-112X96 -o $(ROUT)/CASIA-WebFace-112X96.txt --exclude casia-lfw
+	$(SF) detect $(LFW) -o $(ROUT)/lfw.landmarks.jsonl $(DEVICE)
+	$(SF) align $(ROUT)/lfw.landmarks.jsonl -o $(ROUT)/lfw-112X96 --no-face mean
+	$(SF) train --list $(ROUT)/CASIA-WebFace-112X96.txt --out $(ROUT)/sphereface20 --resume \
+	  $(if $(GPUS),--gpus $(GPUS),--device cpu) $(TRAIN_ARGS)
+	$(SF) evaluate --pairs $(PAIRS) --model $(ROUT)/sphereface20/model.pt \
+	  --data $(ROUT)/lfw-112X96 $(DEVICE)
 
 clean:
-	rm -rf $(OUT)
+	rm -rf $(OUT) $(ROUT)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from spherecli import UserError, __version__
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def show(title: str, summary: dict, keys: list[str] | None = None) -> None:
@@ -57,6 +57,13 @@ def cli():
     list      one `path label` line per image       -> training list
     train     SphereFace networks with A-Softmax    -> checkpoints
     evaluate  LFW 10-fold verification              -> accuracy table and JSON
+
+    \b
+    verify    are two photos the same person?
+    identify  name the faces of photos or a video from a gallery
+    embed     features of a folder of photos         -> .npz
+    export    the network to ONNX or TorchScript
+    afs       angular Fisher score of a model on labelled faces
     """
 
 
@@ -311,6 +318,171 @@ def evaluate(pairs, model, data, features, save_features, pattern, flip, mean_su
             for a, b, same, score in zip(p.left, p.right, p.same, result["scores"]):
                 f.write(f"{a},{b},{int(same)},{score:.6f}\n")
     console.print(f"wrote {output}", highlight=False)
+
+
+# --------------------------------------------------------------------------- using a model
+
+def model_options(fn):
+    """What every command that runs a model on photos takes."""
+    fn = click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")(fn)
+    fn = click.option("--select", type=click.Choice(["center", "largest", "confident"]),
+                      default="center", help="Which face of a photo with several (as in detect).")(fn)
+    fn = click.option("--model", type=click.Path(dir_okay=False, exists=True), required=True,
+                      help="model.pt (or checkpoint.pt) from `sphereface train`.")(fn)
+    return fn
+
+
+def scoring_options(fn):
+    fn = click.option("--threshold", type=float,
+                      help="Cosine threshold for 'same person'.  [default: from the evaluation "
+                           "result, else 0.3]")(fn)
+    fn = click.option("--calibration", type=click.Path(dir_okay=False, exists=True),
+                      help="Evaluation result JSON whose mean feature and threshold to use.  "
+                           "[default: MODEL.lfw.json when it exists]")(fn)
+    return fn
+
+
+def embedder(model, device, calibration=None, threshold=None):
+    from spherecli.recognize import Calibration, FaceEmbedder
+
+    cal = Calibration.load(model, calibration, threshold)
+    return FaceEmbedder(model, device=device, flip=cal.flip), cal
+
+
+@cli.command()
+@click.argument("photo_a", type=click.Path(dir_okay=False, exists=True))
+@click.argument("photo_b", type=click.Path(dir_okay=False, exists=True))
+@model_options
+@scoring_options
+def verify(photo_a, photo_b, model, select, device, calibration, threshold):
+    """Are the faces in two photos the same person?
+
+    Detects, aligns and embeds the face of each photo, prints the cosine
+    score and the decision at the threshold. Exit status 0 either way.
+    """
+    from spherecli.recognize import verify as run
+
+    emb, cal = embedder(model, device, calibration, threshold)
+    result = run(emb, photo_a, photo_b, cal, select)
+    for note in result["notes"]:
+        console.print(f"note: {note}", highlight=False)
+    decision = "same" if result["same"] else "different"
+    click.echo(f"{decision}\tscore {result['score']:.4f}\tthreshold {result['threshold']:.4f} "
+               f"({result['calibration']})")
+
+
+@cli.command()
+@click.option("--gallery", type=click.Path(file_okay=False, exists=True), required=True,
+              help="One folder per known person, holding one or more photos of them.")
+@click.option("--probe", type=click.Path(exists=True), required=True,
+              help="A photo, a folder of photos, or a video file.")
+@model_options
+@scoring_options
+@click.option("--every", default=1, help="For a video: look at every N-th frame.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="CSV file for the results.  [default: standard output]")
+@click.option("--annotate", type=click.Path(),
+              help="Draw a box and name per face: a folder (for photos) or a video file.")
+@click.option("--cache", type=click.Path(dir_okay=False),
+              help="Gallery feature cache.  [default: GALLERY/.sphereface-gallery.npz]")
+def identify(gallery, probe, model, select, device, calibration, threshold, every, output, annotate,
+             cache):
+    """Name every face in the probe from a gallery of known people, or call it unknown.
+
+    Several photos of a person are averaged into one template. A face
+    takes the best-matching person when the cosine score clears the
+    threshold. One CSV row per face: source, frame, x1, y1, x2, y2,
+    identity, score, best_match.
+    """
+    import csv
+
+    from spherecli.recognize import gallery as build, identify as run, templates
+
+    emb, cal = embedder(model, device, calibration, threshold)
+    people, feats, notes = build(emb, gallery, model, cache=cache, select=select)
+    for note in notes:
+        console.print(f"note: {note}", highlight=False)
+    names, tmpl = templates(people, feats, cal)
+    console.print(f"gallery: {len(names)} people, {len(people)} photos; threshold "
+                  f"{cal.threshold:.4f} ({cal.source})", highlight=False)
+    sink = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+    try:
+        writer = csv.writer(sink)
+        writer.writerow(["source", "frame", "x1", "y1", "x2", "y2", "identity", "score", "best_match"])
+        for row in run(emb, names, tmpl, probe, cal, every=every, annotate=annotate):
+            if row.get("error"):
+                console.print(f"note: {row['source']}: {row['error']}", highlight=False)
+                continue
+            writer.writerow([row["source"], "" if row["frame"] is None else row["frame"],
+                             *(f"{v:.1f}" for v in row["box"]), row["identity"],
+                             f"{row['score']:.4f}", row["best_match"]])
+    finally:
+        if output:
+            sink.close()
+
+
+@cli.command()
+@click.argument("root", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="The .npz to write: names (paths under ROOT) and features.")
+@model_options
+@click.option("--aligned", is_flag=True, help="The images are aligned crops already: no detection.")
+@click.option("--flip", type=click.Choice(["concat", "sum", "none"]), default="concat",
+              help="Add the mirror image's feature (as evaluate does).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def embed(root, output, model, select, device, aligned, flip, quiet):
+    """Features for every image under ROOT, for use in other tools."""
+    import numpy as np
+
+    from spherecli.recognize import FaceEmbedder, embed_folder
+
+    emb = FaceEmbedder(model, device=device, flip=flip)
+    names, feats, notes = embed_folder(emb, root, aligned=aligned, select=select, progress=not quiet)
+    for note in notes:
+        console.print(f"note: {note}", highlight=False)
+    np.savez(output, names=np.array(names), features=feats.astype(np.float32), flip=flip)
+    console.print(f"{len(names)} features of size {feats.shape[1]} -> {output}", highlight=False)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="model.onnx (ONNX) or model.ts / model.pt (TorchScript).")
+@click.option("--check", "check_dir", type=click.Path(file_okay=False, exists=True),
+              help="Aligned faces to compare exported and PyTorch features on.")
+@click.option("--opset", default=17, help="ONNX opset version.")
+def export(model, output, check_dir, opset):
+    """Export the feature network alone to ONNX or TorchScript, checked against PyTorch.
+
+    Input: float (N, 3, H, W) BGR, (pixel - 127.5) / 128; output: (N, 512).
+    """
+    from spherecli.export import export as run
+
+    result = run(model, output, check_dir=check_dir, opset=opset)
+    show(f"export -> {output}", result)
+
+
+@cli.command()
+@click.argument("aligned_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--model", type=click.Path(dir_okay=False, exists=True), required=True,
+              help="model.pt from `sphereface train`.")
+@click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--flip", type=click.Choice(["concat", "sum", "none"]), default="none",
+              help="Feature of each image: alone (default), or with its mirror's.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def afs(aligned_dir, model, device, flip, quiet):
+    """Angular Fisher score of a model on a labelled aligned folder (lower is better).
+
+    The SphereFace appendix's measure, AFS = S_w / S_b: within-class
+    angular spread over between-class spread, one class per folder.
+    """
+    from spherecli.recognize import FaceEmbedder, angular_fisher_score, embed_folder
+
+    emb = FaceEmbedder(model, device=device, flip=flip)
+    names, feats, _ = embed_folder(emb, aligned_dir, aligned=True, progress=not quiet)
+    labels = [n.split("/")[0] for n in names]
+    score = angular_fisher_score(feats, labels)
+    click.echo(f"angular Fisher score {score:.4f}  ({len(names)} images, {len(set(labels))} classes)")
 
 
 def main() -> None:

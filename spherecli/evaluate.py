@@ -170,7 +170,17 @@ def evaluate_features(features: np.ndarray, index: dict[str, int], pairs: Pairs,
     right = features[[index[p] for p in pairs.right]]
     result = verification(left, right, pairs.same, pairs.folds, mean_subtract)
     result.update(roc(result["scores"], pairs.same))
+    result["calibration"] = calibrate(left, right, pairs.same, mean_subtract)
     return result
+
+
+def calibrate(left: np.ndarray, right: np.ndarray, same: np.ndarray, mean_subtract: bool) -> dict:
+    """What `verify` and `identify` need to score new faces like this protocol does:
+    the mean feature over all pairs and the best threshold on all pairs scored with it."""
+    mu = np.nanmean(np.concatenate([left, right]), axis=0) if mean_subtract else None
+    a, b = (left, right) if mu is None else (left - mu, right - mu)
+    scores = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"mean": None if mu is None else mu.tolist(), "threshold": best_threshold(scores, same)}
 
 
 def distinct_images(pairs: Pairs) -> list[str]:
@@ -195,6 +205,7 @@ def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: s
         with np.load(features) as f:
             index = {str(n): i for i, n in enumerate(f["names"])}
             stored = f["features"].astype(np.float64)
+            flip = str(f["flip"]) if "flip" in f else flip
         missing = [n for n in names if n not in index]
         where = str(features)
     else:
@@ -218,9 +229,10 @@ def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: s
     for n in present:
         table[row[n]] = stored[index[n]]
     if save_features is not None:
-        np.savez(save_features, names=np.array(present),
+        np.savez(save_features, names=np.array(present), flip=flip,
                  features=table[[row[n] for n in present]].astype(np.float32))
     result = evaluate_features(table, row, pairs, mean_subtract)
+    result["calibration"]["flip"] = flip
     result.update(pairs_file=str(pairs_path), model=None if model is None else str(model),
                   data=None if data is None else str(data), features_file=None if features is None
                   else str(features), images=len(names), missing=len(missing),

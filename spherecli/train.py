@@ -160,7 +160,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
     sampler = EpochBatches(len(items), cfg.batch_size, world, rank, cfg.seed, start, cfg.max_iter)
-    data = batches(items, sampler, cfg.workers, cfg.cache, pin=device.type == "cuda")
+    # A finished run that is resumed only re-exports its model: no data to load.
+    data = (batches(items, sampler, cfg.workers, cfg.cache, pin=device.type == "cuda")
+            if start < cfg.max_iter else iter(()))
     meta = {"arch": cfg.arch, "input_size": list(input_size), "feature_dim": cfg.feature_dim,
             "head_name": cfg.head, "num_classes": num_classes, "config": asdict(cfg),
             "tool": f"spherecli {__version__}"}

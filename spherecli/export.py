@@ -1,0 +1,66 @@
+"""Export the feature network to ONNX or TorchScript, and check it against PyTorch.
+
+The exported network takes what the trainer feeds it: float (N, 3, H, W)
+BGR images scaled as (x - 127.5) / 128, and returns the (N, 512) feature.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spherecli import UserError
+from spherecli.data import load_face, normalize, to_chw
+from spherecli.images import walk_images
+from spherecli.models import load_model
+
+
+def check_batch(size: tuple[int, int], check_dir: str | Path | None, n: int = 32) -> tuple[torch.Tensor, str]:
+    """Real aligned faces from check_dir, or seeded noise in the input range when none is given."""
+    if check_dir:
+        rels = list(walk_images(check_dir))[:n]
+        if not rels:
+            raise UserError(f"--check {check_dir}: no images")
+        faces = [to_chw(load_face(str(Path(check_dir) / r))) for r in rels]
+        if faces[0].shape[1:] != size:
+            raise UserError(f"--check {check_dir}: images are {tuple(faces[0].shape[1:])}, "
+                            f"the model takes {size}")
+        return normalize(torch.stack(faces)), f"{len(rels)} aligned faces from {check_dir}"
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(8, 3, *size, generator=g) * 2 - 1, "8 random inputs (pass --check DIR for real faces)"
+
+
+def export(model_path: str | Path, output: str | Path, *, check_dir: str | Path | None = None,
+           opset: int = 17) -> dict:
+    """Write the network as .onnx or as TorchScript (.pt/.ts) and compare its features."""
+    model, state = load_model(model_path)
+    size = tuple(state["input_size"])
+    output = Path(output)
+    x, what = check_batch(size, check_dir)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    if output.suffix == ".onnx":
+        torch.onnx.export(model, (x[:1],), str(output), input_names=["image"], output_names=["feature"],
+                          dynamic_axes={"image": {0: "batch"}, "feature": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+        try:
+            import onnxruntime
+        except ImportError:
+            return {"output": str(output), "checked": False,
+                    "note": "onnxruntime is not installed: the export was not checked"}
+        session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+        got = session.run(["feature"], {"image": x.numpy()})[0]
+        runtime = f"onnxruntime {onnxruntime.__version__}"
+    elif output.suffix in (".pt", ".ts"):
+        traced = torch.jit.trace(model, x[:1])
+        traced.save(str(output))
+        with torch.no_grad():
+            got = torch.jit.load(str(output))(x).numpy()
+        runtime = "torch.jit"
+    else:
+        raise UserError(f"{output}: use .onnx for ONNX or .pt / .ts for TorchScript")
+    return {"output": str(output), "checked": True, "runtime": runtime, "inputs": what,
+            "max_abs_diff": float(np.abs(got - expected).max()),
+            "max_abs_feature": float(np.abs(expected).max())}

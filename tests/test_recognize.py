@@ -1,0 +1,174 @@
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from spherecli import UserError
+from spherecli.config import TrainConfig
+from spherecli.detect import detect_tree
+from spherecli.export import export
+from spherecli.formats import read_manifest
+from spherecli.recognize import Calibration, FaceEmbedder, angular_fisher_score, embed_folder, verify
+from spherecli.train import launch
+
+from conftest import copy_images
+
+SPHEREFACE = [sys.executable, "-m", "spherecli"]
+
+
+@pytest.fixture(scope="module")
+def model(celeba_list, tmp_path_factory):
+    """A small SphereFace-4 trained for a few seconds on real aligned faces."""
+    out = tmp_path_factory.mktemp("model") / "run"
+    launch(TrainConfig(list=str(celeba_list), out=str(out), arch="sphere4", head="softmax",
+                       batch_size=32, workers=0, cache=True, max_iter=40, warmup=10, clip_grad=5,
+                       lr=0.01, device="cpu"), progress=False)
+    return out / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def wild_split(data, tmp_path_factory):
+    """Gallery: the first photo of each of the 25 people. Probes: the other 7 photos of 3 people."""
+    wild = data / "wild"
+    root = tmp_path_factory.mktemp("wild")
+    people = sorted(p.name for p in wild.iterdir())
+    for person in people:
+        photos = sorted(f.name for f in (wild / person).iterdir())
+        copy_images(wild, root / "gallery", [f"{person}/{photos[0]}"])
+        if person in people[:3]:
+            copy_images(wild, root / "probe", [f"{person}/{p}" for p in photos[1:]])
+    return root
+
+
+def test_identify_photos_one_row_per_detected_face(model, wild_split, tmp_path):
+    out = tmp_path / "ids.csv"
+    cmd = SPHEREFACE + ["identify", "--gallery", str(wild_split / "gallery"), "--probe",
+                        str(wild_split / "probe"), "--model", str(model), "-o", str(out),
+                        "--annotate", str(tmp_path / "annotated"), "--threshold", "0.2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "gallery: 25 people, 25 photos" in r.stderr
+    rows = list(csv.DictReader(open(out)))
+    # The same detector run on its own finds exactly as many faces.
+    detect_tree(wild_split / "probe", tmp_path / "m.jsonl", progress=False)
+    _, recs = read_manifest(tmp_path / "m.jsonl")
+    faces = {r["path"]: r.get("faces", 0) for r in recs}
+    assert len(rows) == sum(faces.values()) >= 18
+    for path, n in faces.items():
+        assert sum(row["source"] == path for row in rows) == n
+    people = {p.name for p in (wild_split / "gallery").iterdir()}
+    for row in rows:
+        assert row["best_match"] in people
+        assert (row["identity"] == row["best_match"]) == (float(row["score"]) >= 0.2)
+        assert row["identity"] in people | {"unknown"}
+    drawn = sorted(p.relative_to(tmp_path / "annotated").as_posix()
+                   for p in (tmp_path / "annotated").rglob("*.jpg"))
+    assert drawn == sorted(faces)
+    # Boxes were drawn: the annotated pictures differ from the originals.
+    first = drawn[0]
+    a = np.asarray(Image.open(tmp_path / "annotated" / first), dtype=int)
+    b = np.asarray(Image.open(wild_split / "probe" / first).convert("RGB"), dtype=int)
+    assert a.shape == b.shape and np.abs(a - b).max() > 100
+    # The second run reads the gallery from its cache.
+    assert (wild_split / "gallery" / ".sphereface-gallery.npz").exists()
+
+
+def test_identify_a_video(model, wild_split, tmp_path):
+    photos = sorted((wild_split / "probe").rglob("*.jpg"))[:4]
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 5, (300, 400))
+    for p in photos:
+        for _ in range(2):
+            writer.write(cv2.resize(cv2.imread(str(p)), (300, 400)))
+    writer.release()
+    out = tmp_path / "ids.csv"
+    subprocess.run(SPHEREFACE + ["identify", "--gallery", str(wild_split / "gallery"), "--probe",
+                                 str(video), "--model", str(model), "--every", "2", "-o", str(out),
+                                 "--annotate", str(tmp_path / "annotated.mp4")], check=True,
+                   capture_output=True)
+    rows = list(csv.DictReader(open(out)))
+    assert rows and {int(r["frame"]) for r in rows} <= {0, 2, 4, 6}
+    cap = cv2.VideoCapture(str(tmp_path / "annotated.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+
+
+def test_verify_same_and_different_people(model, data, tmp_path):
+    wild = data / "wild"
+    a, b = sorted((wild / "7212").iterdir())[:2]
+    other = sorted((wild / "7222").iterdir())[0]
+    emb = FaceEmbedder(model)
+    cal = Calibration.load(model, threshold=0.5)
+    # A photo and a copy of it at 1.5 times the size are the same face.
+    copy = tmp_path / "copy.jpg"
+    photo = Image.open(a)
+    photo.resize((photo.width * 3 // 2, photo.height * 3 // 2)).save(copy, quality=95)
+    itself = verify(emb, a, copy, cal)
+    same, different = verify(emb, a, b, cal), verify(emb, a, other, cal)
+    assert itself["score"] > 0.9 and itself["same"]
+    for r in (same, different):
+        assert -1 <= r["score"] <= 1 and r["same"] == (r["score"] >= 0.5)
+    assert different["score"] < itself["score"]
+    r = subprocess.run(SPHEREFACE + ["verify", str(a), str(copy), "--model", str(model),
+                                     "--threshold", "0.5"], capture_output=True, text=True, check=True)
+    assert r.stdout.startswith("same\tscore 0.9") or r.stdout.startswith("same\tscore 1.0")
+    blank = tmp_path / "blank.jpg"
+    Image.new("RGB", (200, 200), (120, 120, 120)).save(blank)
+    r = subprocess.run(SPHEREFACE + ["verify", str(a), str(blank), "--model", str(model)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "blank.jpg: no face found" in r.stderr
+
+
+def test_calibration_comes_from_the_evaluation_result(model, tmp_path):
+    result = {"calibration": {"mean": [0.5] * 1024, "threshold": 0.27, "flip": "concat"}}
+    path = Path(str(model.with_suffix("")) + ".lfw.json")
+    path.write_text(json.dumps(result))
+    try:
+        cal = Calibration.load(model)
+        assert cal.threshold == 0.27 and cal.source == str(path) and cal.mean.shape == (1024,)
+        assert Calibration.load(model, threshold=0.6).threshold == 0.6
+        np.testing.assert_allclose(np.linalg.norm(cal.unit(np.ones((3, 1024))), axis=1), 1.0)
+    finally:
+        path.unlink()
+    assert Calibration.load(model).source == "default"
+    with pytest.raises(UserError, match="no such file"):
+        Calibration.load(model, tmp_path / "nothing.json")
+
+
+def test_embed_raw_and_aligned(model, wild_split, celeba_list, tmp_path):
+    out = tmp_path / "f.npz"
+    subprocess.run(SPHEREFACE + ["embed", str(wild_split / "probe"), "-o", str(out), "--model",
+                                 str(model), "-q"], check=True, capture_output=True)
+    f = np.load(out)
+    assert f["features"].shape == (len(f["names"]), 1024) and len(f["names"]) >= 18
+    aligned = celeba_list.parent / "aligned"
+    names, feats, notes = embed_folder(FaceEmbedder(model, flip="none"), aligned, aligned=True,
+                                       progress=False)
+    assert feats.shape == (len(list(aligned.rglob("*.jpg"))), 512) and not notes
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".ts"])
+def test_export_round_trip(model, celeba_list, tmp_path, suffix):
+    result = export(model, tmp_path / f"model{suffix}", check_dir=celeba_list.parent / "aligned")
+    assert result["checked"] and "aligned faces" in result["inputs"]
+    assert result["max_abs_diff"] < 1e-4 * max(1.0, result["max_abs_feature"])
+
+
+def test_angular_fisher_score_known_value():
+    x = np.array([[2.0, 0], [0, 2], [3, 0]])
+    labels = ["a", "a", "b"]
+    within = 2 * (1 - 1 / math.sqrt(2))
+    between = 2 * (1 - 7 / math.sqrt(58)) + (1 - 5 / math.sqrt(29))
+    assert angular_fisher_score(x, labels) == pytest.approx(within / between)
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 16))
+    tight = np.repeat(centres, 10, 0) + 0.05 * rng.normal(size=(50, 16))
+    loose = np.repeat(centres, 10, 0) + 0.5 * rng.normal(size=(50, 16))
+    labels = np.repeat(np.arange(5), 10)
+    assert angular_fisher_score(tight, labels) < angular_fisher_score(loose, labels)
+    assert angular_fisher_score(np.repeat(centres, 3, 0), np.repeat(np.arange(5), 3)) == pytest.approx(0, abs=1e-12)
