@@ -5,8 +5,8 @@
 #   make bench      the benchmarks of docs/benchmarks.md
 PYTHON ?= python3
 VENV   := .venv
-PY     := $(VENV)/bin/python
-SF     := $(VENV)/bin/sphereface
+PY     ?= $(VENV)/bin/python
+SF     ?= $(VENV)/bin/sphereface
 
 .PHONY: install test demo reproduce bench clean
 

@@ -242,7 +242,8 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
              if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     cfg, resuming = resolve(config_file, typed, resume)
     summary = launch(cfg, resuming, progress=not quiet)
-    show(f"train -> {cfg.out}", summary)
+    if summary:  # under torchrun only rank 0 reports
+        show(f"train -> {cfg.out}", summary)
 
 
 # --------------------------------------------------------------------------- evaluate
