@@ -85,7 +85,8 @@ def main():
     list_path = aligned_list(600)
     items = read_list(list_path)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    print("| device | network | batch | plain fp32 loop (img/s) | sphereface train (img/s) | precision | speed-up |")
+    print("| device | network | batch | plain fp32 loop (img/s) | sphereface train (img/s) "
+          "| precision | speed-up |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for device in devices:
         batch = args.batch_size if device.type == "cpu" else 256

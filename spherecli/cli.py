@@ -14,6 +14,11 @@ from spherecli import UserError, __version__
 console = Console(stderr=True, soft_wrap=True)
 
 
+def stdout() -> Console:
+    """Tables for standard output; wide when it is a file or a pipe, not 80 columns."""
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
 def show(title: str, summary: dict, keys: list[str] | None = None) -> None:
     """Print a stage summary as a two-column table."""
     console.print(f"[bold]{title}[/bold]", highlight=False, soft_wrap=True)
@@ -232,7 +237,7 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
         table = Table("arch", "residual units", "parameters (112x96)")
         for name, build in ARCHS.items():
             table.add_row(name, str(UNITS[int(name[6:])]), f"{count_parameters(build()):,}")
-        Console().print(table)
+        stdout().print(table)
         return
     from spherecli.config import resolve
     from spherecli.train import launch
@@ -294,12 +299,12 @@ def evaluate(pairs, model, data, features, save_features, pattern, flip, mean_su
     table = Table("fold", "ACC (%)")
     for fold, acc in fold_table(result):
         table.add_row(fold, acc)
-    Console().print(table)
+    stdout().print(table)
     extra = (f"ROC AUC {result['roc_auc']:.4f}  EER {100 * result['eer']:.2f}%  "
              f"TAR@FAR=1e-3 {100 * result['tar_at_far_0.001']:.2f}%  "
              f"TAR@FAR=1e-2 {100 * result['tar_at_far_0.01']:.2f}%  "
              f"best-threshold accuracy {100 * result['best_accuracy']:.2f}%")
-    Console().print(f"LFW accuracy {std_text(result)}  ({result['images']} images, "
+    stdout().print(f"LFW accuracy {std_text(result)}  ({result['images']} images, "
                     f"{result['missing']} missing)\n{extra}", highlight=False)
     output = output or str(Path(model or features).with_suffix("")) + ".lfw.json"
     Path(output).write_text(json.dumps(json_ready(result), indent=1) + "\n")
@@ -484,6 +489,35 @@ def afs(aligned_dir, model, device, flip, quiet):
     labels = [n.split("/")[0] for n in names]
     score = angular_fisher_score(feats, labels)
     click.echo(f"angular Fisher score {score:.4f}  ({len(names)} images, {len(set(labels))} classes)")
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--plot", type=click.Path(dir_okay=False), help="Draw the runs' curves into this PNG.")
+@click.option("--key", default="loss", help="What to plot: loss, acc, feature_norm, lambda, lr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON lines.")
+def report(runs, plot, key, as_json):
+    """Compare training runs: final loss, accuracy, speed, LFW (when evaluated), curves."""
+    import json
+
+    from spherecli.report import plot as draw, summarize
+
+    rows = [summarize(r) for r in runs]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+    else:
+        table = Table("run", "arch", "head", "m", "iters", "min", "img/s", "loss", "train acc",
+                      "|x|", "LFW")
+        for r in rows:
+            lfw = f"{100 * r['lfw_mean']:.2f} +- {100 * r['lfw_std']:.2f}" if "lfw_mean" in r else ""
+            margin = f"{r['margin']:g}" if r["margin"] else ""
+            table.add_row(r["run"], r["arch"], r["head"], margin, str(r["iterations"]),
+                          str(r["wall_min"]), str(r["images_per_s"]), f"{r['final_loss']:.3f}",
+                          f"{100 * r['train_acc']:.1f}%", f"{r['feature_norm']:.1f}", lfw)
+        stdout().print(table)
+    if plot:
+        draw(runs, plot, key)
 
 
 def main() -> None:

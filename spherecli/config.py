@@ -43,8 +43,9 @@ class TrainConfig:
     lambda_min: float = opt(5.0, "A-Softmax lambda floor.")
     lambda_hold: int = opt(0, "Keep lambda at its base for this many iterations before the "
                               "decay starts (0: the original).")
-    backward: str = opt("original", "A-Softmax gradient: original (the Caffe layer's normalised "
-                                    "gradient) or exact (autograd).")
+    backward: str = opt("exact", "A-Softmax gradient: exact (autograd) or original (the Caffe "
+                                 "layer's normalised gradient, which diverged on CelebA; "
+                                 "docs/training.md).")
     # solver
     batch_size: int = opt(256, "Images per process and iteration (Caffe: 256 per GPU).")
     lr: float = opt(0.1, "Base learning rate.")

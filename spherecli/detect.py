@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +164,7 @@ def _detect_batch(job: tuple[str, list[str]]) -> list[dict]:
             found = detector.detect([rgb for _, rgb, _ in group])
         except Exception:  # noqa: BLE001 - find which image breaks the batch
             found = []
-            for rec, rgb, _ in group:
+            for _, rgb, _ in group:
                 try:
                     found.append(detector.detect([rgb])[0])
                 except Exception as e:  # noqa: BLE001

@@ -9,7 +9,6 @@ later papers add: ROC AUC, EER, TAR at fixed FAR, best single threshold.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

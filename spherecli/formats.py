@@ -237,5 +237,6 @@ def load_checkpoint(path: str | Path, expect: str | None = None) -> dict:
         raise UserError(f"{path}: not a readable spherecli checkpoint ({str(e).splitlines()[0]})") from None
     kind = state.get("format") if isinstance(state, dict) else None
     if kind not in (CHECKPOINT_FORMAT, MODEL_FORMAT) or (expect and kind != expect):
-        raise UserError(f"{path}: not a spherecli {'training checkpoint' if expect == CHECKPOINT_FORMAT else 'model'}")
+        what = "training checkpoint" if expect == CHECKPOINT_FORMAT else "model"
+        raise UserError(f"{path}: not a spherecli {what}")
     return state

@@ -115,14 +115,14 @@ class ASoftmax(nn.Module):
     iteration (counted from 1, as the original increments before use).
     `hold` keeps lambda at `base` for the first `hold` iterations and starts
     the decay after them (0 = the original schedule). `s` replaces |x| by a
-    fixed scale (the feature-normalised variant; None = the original). `backward` is "original"
-    (the Caffe layer's normalised gradient, with weights renormalised in
-    place) or "exact" (autograd through every operation).
+    fixed scale (the feature-normalised variant; None = the original).
+    `backward` is "exact" (autograd through every operation) or "original"
+    (the Caffe layer's normalised gradient, weights renormalised in place).
     """
 
     def __init__(self, feature_dim: int, num_classes: int, m: int = 4, base: float = 1000.0,
                  gamma: float = 0.12, power: float = 1.0, lambda_min: float = 5.0, hold: int = 0,
-                 s: float | None = None, backward: str = "original"):
+                 s: float | None = None, backward: str = "exact"):
         super().__init__()
         if m not in (1, 2, 3, 4):
             raise UserError(f"A-Softmax margin m must be 1, 2, 3 or 4, got {m}")

@@ -149,7 +149,7 @@ def _model_key(model: str | Path, embedder: FaceEmbedder) -> str:
 
 
 def gallery(embedder: FaceEmbedder, root: str | Path, model: str | Path, *,
-            cache: str | Path | None = None, select: str = "center") -> tuple[list[str], np.ndarray, list[str]]:
+            cache: str | Path | None = None, select: str = "center"):
     """One feature per gallery photo (folders = people), reusing a cache keyed by the model.
 
     Returns (person of each photo, features, notes). Photos with no face

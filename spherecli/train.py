@@ -321,19 +321,30 @@ class Log:
         return self.stall(it, loss, norm)
 
     def stall(self, it, loss, norm) -> str | None:
-        """SphereFace's known failure: loss pinned at ln C while the features shrink to nothing."""
+        """SphereFace's two known failures, seen from the loss and the mean feature norm:
+        the loss pinned at ln C while the features shrink to nothing, or the loss
+        climbing past ln C while the features grow without bound."""
         if self.first_norm is None:
             self.first_norm = norm
             return None
         settle = self.start + max(self.cfg.warmup, 100)
-        if self.warned or it < settle or loss < 0.95 * self.chance_loss or norm > 0.25 * self.first_norm:
+        if self.warned or it < settle:
+            return None
+        if loss > 0.95 * self.chance_loss and norm < 0.25 * self.first_norm:
+            what = (f"training looks stalled: loss {loss:.3f} is still near ln C = {self.chance_loss:.3f} "
+                    f"while the mean feature norm fell from {self.first_norm:.3f} to {norm:.3f} (the "
+                    "network is learning to say nothing)")
+        elif loss > 1.5 * self.chance_loss and norm > 10 * self.first_norm:
+            what = (f"training looks unstable: loss {loss:.3f} has climbed past ln C = "
+                    f"{self.chance_loss:.3f} while the mean feature norm grew from "
+                    f"{self.first_norm:.3f} to {norm:.3f}")
+        else:
             return None
         self.warned = True
-        return (f"training looks stalled: loss {loss:.3f} is still near ln C = {self.chance_loss:.3f} "
-                f"while the mean feature norm fell from {self.first_norm:.3f} to {norm:.3f} (the "
-                "network is learning to say nothing: SphereFace's 'difficulties in convergence'). "
-                "Remedies: --lambda-hold 400 --warmup 100 --clip-grad 5; or --init-from a softmax-"
-                "trained checkpoint; or feature-normalised A-Softmax with --scale 30; or a lower --lr.")
+        return (what + ": SphereFace's 'difficulties in convergence'. Remedies, measured in "
+                "docs/training.md: --backward exact --lambda-hold 400 --warmup 100 --clip-grad 5; "
+                "or --init-from a softmax-trained checkpoint; or feature-normalised A-Softmax "
+                "(--scale 30); or a lower --lr.")
 
     def close(self):
         if self.bar is not None:

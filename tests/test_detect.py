@@ -25,9 +25,10 @@ def records_of(manifest):
     return header, {r["path"]: r for r in records}
 
 
-def direct_mtcnn(path, settings=DetectSettings()):
+def direct_mtcnn(path):
     """facenet-pytorch's MTCNN called the plain way, one image at a time."""
     from facenet_pytorch import MTCNN
+    settings = DetectSettings()
     mtcnn = MTCNN(min_face_size=settings.min_face, thresholds=list(settings.thresholds),
                   factor=settings.factor, keep_all=True, select_largest=False)
     img = Image.open(path).convert("RGB")
@@ -103,34 +104,32 @@ def test_several_faces_center_largest_confident(data, tmp_path):
 
 
 def make_bad_tree(good: Path, root: Path) -> dict:
-    """One file per kind of bad input; returns name -> expected status."""
+    """One file per kind of bad input; returns path -> expected status."""
     person = root / "person"
     person.mkdir(parents=True)
     img = Image.open(good).convert("RGB")
     raw = good.read_bytes()
-    expected = {}
-
-    def put(name, status):
-        expected[f"person/{name}"] = status
-
-    shutil.copy(good, person / "good.jpg"); put("good.jpg", "ok")
-    (person / "empty.jpg").write_bytes(b""); put("empty.jpg", "error")
-    (person / "truncated.jpg").write_bytes(raw[: len(raw) // 2]); put("truncated.jpg", "error")
-    (person / "text.jpg").write_text("this is not a picture\n"); put("text.jpg", "error")
-    rgba = img.convert("RGBA"); rgba.putalpha(128); rgba.save(person / "alpha.png"); put("alpha.png", "ok")
-    gray16 = (np.asarray(img.convert("L"), dtype=np.uint16) * 257)
-    Image.fromarray(gray16).save(person / "gray16.png"); put("gray16.png", "ok")
-    img.convert("CMYK").save(person / "cmyk.jpg"); put("cmyk.jpg", "ok")
-    img.convert("L").save(person / "gray.jpg"); put("gray.jpg", "ok")
-    Image.new("RGB", (1, 1)).save(person / "tiny.png"); put("tiny.png", "error")
+    shutil.copy(good, person / "good.jpg")
+    (person / "empty.jpg").write_bytes(b"")
+    (person / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
+    (person / "text.jpg").write_text("this is not a picture\n")
+    rgba = img.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(person / "alpha.png")
+    Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257).save(person / "gray16.png")
+    img.convert("CMYK").save(person / "cmyk.jpg")
+    img.convert("L").save(person / "gray.jpg")
+    Image.new("RGB", (1, 1)).save(person / "tiny.png")
     (root / "Zoë ñandú").mkdir()
     shutil.copy(good, root / "Zoë ñandú" / "photo with spaces é.jpg")
-    expected["Zoë ñandú/photo with spaces é.jpg"] = "ok"
-    os.symlink(".", person / "loop")                       # directory loop
-    os.symlink("self.jpg", person / "self.jpg"); put("self.jpg", "error")   # link to itself
-    os.symlink("missing.jpg", person / "dangling.jpg"); put("dangling.jpg", "error")
-    os.mkfifo(person / "fifo.jpg"); put("fifo.jpg", "error")
-    return expected
+    os.symlink(".", person / "loop")                     # a directory loop
+    os.symlink("self.jpg", person / "self.jpg")          # a link to itself
+    os.symlink("missing.jpg", person / "dangling.jpg")
+    os.mkfifo(person / "fifo.jpg")                       # would block a naive reader
+    ok = ["good.jpg", "alpha.png", "gray16.png", "cmyk.jpg", "gray.jpg"]
+    bad = ["empty.jpg", "truncated.jpg", "text.jpg", "tiny.png", "self.jpg", "dangling.jpg", "fifo.jpg"]
+    return ({f"person/{n}": "ok" for n in ok} | {f"person/{n}": "error" for n in bad}
+            | {"Zoë ñandú/photo with spaces é.jpg": "ok"})
 
 
 def test_bad_input_becomes_error_records(data, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spherecli import UserError
-from spherecli.evaluate import (THRESHOLDS, Pairs, accuracy, best_threshold, evaluate, read_pairs,
+from spherecli.evaluate import (THRESHOLDS, accuracy, best_threshold, evaluate, read_pairs,
                                 roc, verification)
 from spherecli.models import create_model
 
@@ -73,7 +73,8 @@ def test_separable_random_and_tied_scores():
     # Every threshold strictly between the scores 0.2 and 0.5 separates perfectly:
     # the chosen one is the mean of those grid values.
     scores, flags = np.array([0.5, 0.6, 0.1, 0.2]), np.array([True, True, False, False])
-    assert best_threshold(scores, flags) == pytest.approx(np.mean(THRESHOLDS[(THRESHOLDS > 0.2) & (THRESHOLDS < 0.5)]))
+    between = THRESHOLDS[(THRESHOLDS > 0.2) & (THRESHOLDS < 0.5)]
+    assert best_threshold(scores, flags) == pytest.approx(np.mean(between))
     assert best_threshold(scores, flags) == pytest.approx(0.35)
     # A score equal to the threshold is wrong whichever kind of pair it is.
     assert accuracy(scores, flags, 0.5) == 0.75 and accuracy(scores, flags, 0.2) == 0.75
@@ -125,7 +126,8 @@ def lfw_subset(data, tmp_path_factory):
     from spherecli.detect import detect_tree
 
     lines = (data / "pairs.txt").read_text().splitlines()[1:]
-    keep = [line for k in range(10) for line in lines[600 * k:600 * k + 15] + lines[600 * k + 300:600 * k + 315]]
+    keep = [line for k in range(10)
+            for line in lines[600 * k:600 * k + 15] + lines[600 * k + 300:600 * k + 315]]
     work = tmp_path_factory.mktemp("lfwpairs")
     (work / "pairs.txt").write_text("10\t15\n" + "\n".join(keep) + "\n")
     pairs = read_pairs(work / "pairs.txt")

@@ -18,7 +18,8 @@ def standin(data, tmp_path_factory):
     work = tmp_path_factory.mktemp("standin")
     celeba = data / "celeba"
     people = sorted(os.listdir(celeba))[:4]
-    copy_images(celeba, work / "casia", [f"{p}/{f}" for p in people for f in sorted(os.listdir(celeba / p))[:6]])
+    copy_images(celeba, work / "casia",
+                [f"{p}/{f}" for p in people for f in sorted(os.listdir(celeba / p))[:6]])
     lines = (data / "pairs.txt").read_text().splitlines()[1:]
     pairs = lines[0:2] + lines[300:302] + lines[600:602] + lines[900:902]
     (work / "pairs.txt").write_text("2\t2\n" + "\n".join(pairs) + "\n")

@@ -163,6 +163,11 @@ def test_stall_watch_flags_a_collapsing_run(tmp_path):
     assert log.record(60, chance, 0.0, 0.3, 0.1, 600.0) is None  # too early to judge
     verdict = log.record(120, chance - 0.01, 0.0, 0.1, 0.1, 400.0)
     assert verdict and "--lambda-hold" in verdict and "--init-from" in verdict
+    exploding = Log(tmp_path / "log3.jsonl", TrainConfig(max_iter=1000), 998, 1, 0, False)
+    exploding.record(20, chance, 0.0, 5.0, 0.1, 900.0)
+    assert exploding.record(200, 3.0, 0.4, 60.0, 0.1, 40.0) is None
+    verdict = exploding.record(700, 2 * chance, 0.3, 4500.0, 0.1, 7.0)
+    assert verdict and "unstable" in verdict and "--backward exact" in verdict
     healthy = Log(tmp_path / "log2.jsonl", TrainConfig(max_iter=1000), 998, 1, 0, False)
     healthy.record(20, chance, 0.0, 1.6, 0.1, 900.0)
     assert healthy.record(200, 4.0, 0.2, 1.5, 0.1, 100.0) is None
