@@ -8,7 +8,7 @@ VENV   := .venv
 PY     ?= $(VENV)/bin/python
 SF     ?= $(VENV)/bin/sphereface
 
-.PHONY: install test demo reproduce bench clean
+.PHONY: install test demo identify-demo reproduce bench clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,13 @@ demo: install
 	$(SF) align $(OUT)/lfw.landmarks.jsonl -o $(OUT)/lfw-112X96 --no-face mean
 	$(SF) train --config $(RECIPE) --list $(OUT)/celeba-112X96.txt --out $(RUN) --resume
 	$(SF) evaluate --pairs $(DATA)/pairs.txt --model $(RUN)/model.pt --data $(OUT)/lfw-112X96
+
+# The open-set demo on the bundled wild photos with the demo's model: half the
+# people known from one photo each, every other face named or called unknown.
+identify-demo: install
+	@test -f $(RUN)/model.pt || { echo "run 'make demo' first: it trains $(RUN)/model.pt"; exit 1; }
+	$(PY) examples/identify_wild.py --model $(RUN)/model.pt --wild $(DATA)/wild --annotate $(OUT)/identify
+	@echo "annotated photos: $(OUT)/identify/"
 
 # --------------------------------------------------------------------------- reproduce
 # The original release end to end: SphereFace-20, A-Softmax m=4, 28k iterations

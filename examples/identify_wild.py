@@ -6,7 +6,8 @@ Closed set: the first photo of each person is the gallery, the other seven
 are probes; rank-1 is how often the probe's face (the one nearest the
 photo's centre, as detect chooses) is nearest its own person's template.
 Open set: only the first half of the people (13) are in the gallery; the
-others' probes should come out "unknown". Reports the rate of correct
+others' probes should come out "unknown" (--annotate draws these answers,
+a coloured box and name per face, grey for unknown). Reports the rate of correct
 rejections and, for the known people, correct identifications that also
 clear the threshold. The threshold is the model's calibration
 (MODEL.lfw.json from `sphereface evaluate`) unless --threshold.
@@ -26,10 +27,10 @@ from spherecli.recognize import Calibration, FaceEmbedder, gallery, identify, te
 DATA = Path(os.environ.get("SPHERECLI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def probe_answers(emb, names, tmpl, probes: Path, cal) -> dict[str, dict]:
+def probe_answers(emb, names, tmpl, probes: Path, cal, annotate=None) -> dict[str, dict]:
     """For each probe photo, the row of its central face."""
     rows: dict[str, list] = {}
-    for row in identify(emb, names, tmpl, probes, cal):
+    for row in identify(emb, names, tmpl, probes, cal, annotate=annotate):
         if row.get("box"):
             rows.setdefault(row["source"], []).append(row)
     answers = {}
@@ -44,6 +45,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--threshold", type=float)
     ap.add_argument("--wild", type=Path, default=DATA / "wild")
+    ap.add_argument("--annotate", type=Path, help="draw the open-set answers into this folder")
     args = ap.parse_args()
     cal = Calibration.load(args.model, threshold=args.threshold)
     emb = FaceEmbedder(args.model, flip=cal.flip)
@@ -64,7 +66,7 @@ def main():
 
     closed = probe_answers(emb, all_names, all_tmpl, work / "probe", cal)
     rank1 = sum(r["best_match"] == s.split("/")[0] for s, r in closed.items()) / len(closed)
-    opened = probe_answers(emb, half_names, half_tmpl, work / "probe", cal)
+    opened = probe_answers(emb, half_names, half_tmpl, work / "probe", cal, args.annotate)
     unknown = {s: r for s, r in opened.items() if s.split("/")[0] not in known}
     rejected = sum(r["identity"] == "unknown" for r in unknown.values()) / len(unknown)
     familiar = {s: r for s, r in opened.items() if s.split("/")[0] in known}

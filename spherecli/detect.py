@@ -21,7 +21,8 @@ from torch import nn
 from tqdm import tqdm
 
 from spherecli import UserError
-from spherecli.formats import JsonlAppender, manifest_header, manifest_summary, read_manifest
+from spherecli.formats import (JsonlAppender, latest_status, manifest_header, manifest_summary,
+                               read_manifest)
 from spherecli.images import decode, describe_error, identity_of, oriented_size, walk_images
 from spherecli.parallel import cpu_count, map_batches
 
@@ -234,16 +235,14 @@ def _resume_state(manifest: Path, header: dict, retry_errors: bool) -> set[str]:
     """Paths already done in an existing manifest, after checking it matches this run."""
     if not manifest.exists() or manifest.stat().st_size == 0:
         return set()
-    old, records = read_manifest(manifest)
+    old, _ = read_manifest(manifest)
     for key in ("root", "settings"):
         if old.get(key) != header.get(key):
             raise UserError(f"{manifest} was written with a different {key} "
                             f"({old.get(key)} vs {header.get(key)}); "
                             "use another output file to detect with new settings")
-    latest = {}
-    for rec in records:
-        latest[rec["path"]] = rec["status"]
-    return {p for p, status in latest.items() if not (retry_errors and status == "error")}
+    return {p for p, status in latest_status(manifest).items()
+            if not (retry_errors and status == "error")}
 
 
 def detect_tree(root: str | Path, manifest: str | Path, settings: DetectSettings | None = None, *,

@@ -125,14 +125,16 @@ def read_manifest(path: str | Path) -> tuple[dict, Iterator[dict]]:
     return header, records()
 
 
+def latest_status(path: str | Path) -> dict[str, str]:
+    """Each image's status in a manifest; when an image was retried, its last record counts."""
+    _, records = read_manifest(path)
+    return {rec["path"]: rec["status"] for rec in records}
+
+
 def manifest_summary(path: str | Path) -> dict:
     """Counts over a whole manifest (all runs that appended to it)."""
-    _, records = read_manifest(path)
     counts = {"images": 0, "ok": 0, "no_face": 0, "error": 0}
-    latest = {}
-    for rec in records:
-        latest[rec["path"]] = rec["status"]
-    for status in latest.values():
+    for status in latest_status(path).values():
         counts["images"] += 1
         counts[status] = counts.get(status, 0) + 1
     return counts

@@ -263,3 +263,17 @@ def test_killed_run_resumes_to_a_complete_duplicate_free_manifest(lfw_sample, tm
     images = [json.loads(line)["path"] for line in lines if '"type": "image"' in line]
     assert len(images) == len(set(images)) == 48
     assert all(json.loads(line) for line in lines)
+
+
+def test_retry_errors_redoes_only_failed_images(data, tmp_path):
+    good = sorted((data / "lfw").glob("*/*.jpg"))[0]
+    root = tmp_path / "r" / "p"
+    root.mkdir(parents=True)
+    shutil.copy(good, root / "a.jpg")
+    (root / "b.jpg").write_bytes(b"")
+    first = detect_tree(root.parent, tmp_path / "m.jsonl", progress=False)
+    assert (first["ok"], first["error"]) == (1, 1)
+    shutil.copy(good, root / "b.jpg")  # the user fixes the file
+    assert detect_tree(root.parent, tmp_path / "m.jsonl", progress=False)["new"] == 0
+    again = detect_tree(root.parent, tmp_path / "m.jsonl", retry_errors=True, progress=False)
+    assert (again["new"], again["ok"], again["error"], again["images"]) == (1, 2, 0, 2)
