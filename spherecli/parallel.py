@@ -5,9 +5,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import sys
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from itertools import islice
 from typing import Callable, Iterable, Iterator
+
+from spherecli import UserError
 
 
 def cpu_count() -> int:
@@ -28,25 +32,47 @@ def map_batches(fn: Callable, jobs: Iterable, workers: int, initializer: Callabl
                 initargs: tuple = ()) -> Iterator[Iterator]:
     """Yield an iterator of fn(job) results, in completion order.
 
-    With workers > 1 the jobs run in that many fresh ("spawn") processes, each
-    set up once by initializer(*initargs); with 1 they run here, in order.
+    With workers > 1 the jobs run in that many worker processes, each set up
+    once by initializer(*initargs); with 1 they run here, in order. Jobs are
+    drawn from the iterable as workers free up, so a tree of any size streams.
     """
     if workers <= 1:
         initializer(*initargs)
         yield map(fn, jobs)
         return
-    pool = _context().Pool(workers, _init, (initializer, initargs))
+    pool = ProcessPoolExecutor(workers, _context(fn.__module__), _init, (initializer, initargs))
     try:
-        yield pool.imap_unordered(fn, jobs)
+        yield _in_completion_order(pool, fn, iter(jobs), 2 * workers)
     finally:
-        pool.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _context():
-    """fork where it is safe: workers start in milliseconds instead of re-importing
-    torch for seconds. A process that has initialised CUDA cannot fork."""
-    torch = sys.modules.get("torch")
-    cuda_started = torch is not None and torch.cuda.is_initialized()
-    if "fork" in mp.get_all_start_methods() and not cuda_started:
-        return mp.get_context("fork")
-    return mp.get_context("spawn")
+def _in_completion_order(pool: ProcessPoolExecutor, fn: Callable, jobs: Iterator,
+                         depth: int) -> Iterator:
+    running = {pool.submit(fn, job) for job in islice(jobs, depth)}
+    while running:
+        done, running = wait(running, return_when=FIRST_COMPLETED)
+        running |= {pool.submit(fn, job) for job in islice(jobs, len(done))}
+        for future in done:
+            try:
+                yield future.result()
+            except BrokenProcessPool:
+                # multiprocessing.Pool would wait forever for a worker the
+                # kernel killed; here the run stops and keeps what it wrote.
+                raise UserError("a worker process stopped unexpectedly (killed for memory, or "
+                                "see its error above); the work finished so far is saved and "
+                                "the same command resumes it") from None
+
+
+def _context(module: str):
+    """Workers fork from a fresh server process that has imported `module`.
+
+    Forking this process instead can deadlock: a child inherits the locks of
+    thread pools (OpenCV's, OpenMP's, CUDA's) but not their threads. "spawn"
+    is safe too, but re-imports torch in every worker.
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([module])
+    return ctx
