@@ -1,6 +1,6 @@
 """Open-set identification on the bundled `wild` photos (25 people x 8 photos).
 
-    .venv/bin/python examples/identify_wild.py --model out/demo/sphere4-asoftmax/model.pt
+    .venv/bin/python examples/identify_wild.py --model out/demo/celeba-sphere4-asoftmax/model.pt
 
 Closed set: the first photo of each person is the gallery, the other seven
 are probes; rank-1 is how often the probe's face (the one nearest the

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from spherecli import UserError, __version__
+from spherecli.config import DEFAULT_THRESHOLD
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -341,7 +342,7 @@ def model_options(fn):
 def scoring_options(fn):
     fn = click.option("--threshold", type=float,
                       help="Cosine threshold for 'same person'.  [default: from the evaluation "
-                           "result, else 0.3]")(fn)
+                           f"result, else {DEFAULT_THRESHOLD}]")(fn)
     fn = click.option("--calibration", type=click.Path(dir_okay=False, exists=True),
                       help="Evaluation result JSON whose mean feature and threshold to use.  "
                            "[default: MODEL.lfw.json when it exists]")(fn)

@@ -20,16 +20,13 @@ import torch
 
 from spherecli import UserError
 from spherecli.align import align_face
+from spherecli.config import DEFAULT_THRESHOLD
 from spherecli.data import load_face, normalize, to_chw
 from spherecli.detect import DetectSettings, FaceDetector, select_face
 from spherecli.images import decode, describe_error, is_image_name, walk_images
 from spherecli.models import load_model
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
-# Cosine threshold used when no evaluation result is at hand. It is the
-# LFW best threshold of the demo model (docs/results.md); calibrate your own
-# model with `sphereface evaluate` for a better one.
-DEFAULT_THRESHOLD = 0.3
 
 
 @dataclass

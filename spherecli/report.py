@@ -14,7 +14,14 @@ def read_log(run: Path) -> list[dict]:
     path = run / "log.jsonl"
     if not path.is_file():
         raise UserError(f"{run}: no log.jsonl (not a training run folder)")
-    return [r for r in (json.loads(line) for line in open(path, encoding="utf-8")) if "iter" in r]
+    rows: list[dict] = []
+    for r in (json.loads(line) for line in open(path, encoding="utf-8")):
+        if "iter" not in r:
+            continue
+        while rows and rows[-1]["iter"] >= r["iter"]:
+            rows.pop()  # a resumed run redid the iterations after its checkpoint
+        rows.append(r)
+    return rows
 
 
 def default_margin(head: str):
@@ -43,8 +50,9 @@ def summarize(run: str | Path) -> dict:
         cfg = tomllib.load(f)
     last = rows[-1] if rows else {}
     head = cfg.get("head", "asoftmax")
+    m = default_margin(head)  # None for heads without a margin (softmax)
     out = {"run": run.name, "arch": cfg.get("arch"), "head": head,
-           "margin": cfg.get("margin", default_margin(head)), "iterations": last.get("iter", 0),
+           "margin": None if m is None else cfg.get("margin", m), "iterations": last.get("iter", 0),
            "wall_min": round(wall_seconds(rows) / 60, 1),
            "images_per_s": round(sum(r["images_per_s"] for r in rows) / max(len(rows), 1), 1),
            "final_loss": last.get("loss"), "train_acc": last.get("acc"),

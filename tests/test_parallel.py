@@ -22,8 +22,8 @@ print(summary["aligned"])
 def test_workers_start_after_the_parent_used_opencv_threads(data, tmp_path):
     lfw = data / "lfw"
     paths = sorted(f"{p.parent.name}/{p.name}" for p in lfw.glob("A*/*.jpg"))[:130]
-    # Rough landmarks of LFW's centred faces are enough to exercise the warp.
-    points = "105 115 145 115 125 135 110 155 140 155"
+    # Rough landmarks of the 150x150 LFW crops are enough to exercise the warp.
+    points = "55 65 95 65 75 85 60 105 90 105"
     (tmp_path / "l.txt").write_text("".join(f"{p} {points}\n" for p in paths))
     run = subprocess.run([sys.executable, "-c", ALIGN_AFTER_OPENCV_THREADS, str(tmp_path / "l.txt"),
                           str(tmp_path / "out"), str(lfw)],

@@ -10,6 +10,7 @@ import torch
 
 from spherecli import UserError
 from spherecli.config import TrainConfig, load_config, resolve, to_toml
+from spherecli.report import read_log
 from spherecli.train import Log, Stopped, launch, learning_rate, train
 
 
@@ -75,6 +76,10 @@ def test_killed_run_resumes_onto_the_uninterrupted_curve(celeba_list, tmp_path):
             assert resumed[r["iter"]] == pytest.approx(r["loss"], rel=1e-5, abs=1e-6)
     for k, v in weights(whole / "model.pt").items():
         torch.testing.assert_close(weights(broken / "model.pt")[k], v, rtol=1e-5, atol=1e-6)
+    # Curves and summaries see each iteration once, the redone ones as redone.
+    rows = read_log(broken)
+    assert [r["iter"] for r in rows] == list(range(1, 61))
+    assert all(r["loss"] == resumed[r["iter"]] for r in rows if r["iter"] > killed_at)
 
 
 def test_two_gloo_processes_make_the_update_of_one_process_on_both_batches(celeba_list, tmp_path):
