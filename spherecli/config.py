@@ -23,6 +23,7 @@ def opt(default, help: str):
 # `sphereface evaluate` calibrates a model properly.
 DEFAULT_THRESHOLD = 0.2
 
+
 @dataclass
 class TrainConfig:
     # data

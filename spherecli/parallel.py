@@ -49,19 +49,19 @@ def map_batches(fn: Callable, jobs: Iterable, workers: int, initializer: Callabl
 
 def _in_completion_order(pool: ProcessPoolExecutor, fn: Callable, jobs: Iterator,
                          depth: int) -> Iterator:
-    running = {pool.submit(fn, job) for job in islice(jobs, depth)}
-    while running:
-        done, running = wait(running, return_when=FIRST_COMPLETED)
-        running |= {pool.submit(fn, job) for job in islice(jobs, len(done))}
-        for future in done:
-            try:
+    try:
+        running = {pool.submit(fn, job) for job in islice(jobs, depth)}
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
                 yield future.result()
-            except BrokenProcessPool:
-                # multiprocessing.Pool would wait forever for a worker the
-                # kernel killed; here the run stops and keeps what it wrote.
-                raise UserError("a worker process stopped unexpectedly (killed for memory, or "
-                                "see its error above); the work finished so far is saved and "
-                                "the same command resumes it") from None
+            running |= {pool.submit(fn, job) for job in islice(jobs, len(done))}
+    except BrokenProcessPool:
+        # multiprocessing.Pool would wait forever for a worker the kernel
+        # killed; here the run stops and keeps what it wrote.
+        raise UserError("a worker process stopped unexpectedly (killed for memory, or see its "
+                        "error above); the work finished so far is saved and the same command "
+                        "resumes it") from None
 
 
 def _context(module: str):

@@ -33,9 +33,11 @@ def test_workers_start_after_the_parent_used_opencv_threads(data, tmp_path):
 
 
 def test_a_worker_killed_mid_run_is_an_error_not_a_hang():
-    # multiprocessing.Pool waits forever for a job whose worker the kernel killed.
+    # multiprocessing.Pool waits forever for a job whose worker the kernel
+    # killed. More jobs than are kept in flight: submitting to the broken
+    # pool must fail just as clearly as collecting from it.
     with pytest.raises(UserError, match="worker process stopped unexpectedly"):
-        with map_batches(os._exit, [9, 9, 9], 2, int) as results:
+        with map_batches(os._exit, [9] * 20, 2, int) as results:
             list(results)
 
 
