@@ -28,8 +28,8 @@ from spherecli.detect import detect_tree
 from spherecli.formats import read_list
 from spherecli.lists import build_list
 from spherecli.losses import create_head
-from spherecli.models import create_model
-from spherecli.train import autocast_dtype, train
+from spherecli.models import autocast_dtype, create_model
+from spherecli.train import train
 
 
 def aligned_list(n: int) -> Path:

@@ -279,11 +279,14 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
 @click.option("--scores", type=click.Path(dir_okay=False),
               help="Also write every pair's held-out score into this CSV.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@click.option("--amp", type=click.Choice(["none", "bf16", "fp16", "auto"]), default="none",
+              help="Extract in reduced precision (faster; LFW within 0.1 points, see "
+                   "docs/benchmarks.md).  [default: none, fp32 as the original]")
 @click.option("--batch-size", default=128, help="Images per forward pass.")
 @click.option("--workers", default=2, help="DataLoader worker processes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def evaluate(pairs, model, data, features, save_features, pattern, flip, mean_subtract, skip_missing,
-             arch, output, roc, scores, device, batch_size, workers, quiet):
+             arch, output, roc, scores, device, amp, batch_size, workers, quiet):
     """Verification accuracy on a pair list (LFW view 2), as the original evaluation.m.
 
     Prints the per-fold table and the mean; writes every number (folds,
@@ -296,7 +299,8 @@ def evaluate(pairs, model, data, features, save_features, pattern, flip, mean_su
 
     result = run(pairs, model=model, data=data, features=features, save_features=save_features,
                  pattern=pattern, flip=flip, mean_subtract=mean_subtract, skip_missing=skip_missing,
-                 arch=arch, batch_size=batch_size, workers=workers, device=device, progress=not quiet)
+                 arch=arch, batch_size=batch_size, workers=workers, device=device, amp=amp,
+                 progress=not quiet)
     table = Table("fold", "ACC (%)")
     for fold, acc in fold_table(result):
         table.add_row(fold, acc)

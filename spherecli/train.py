@@ -29,7 +29,7 @@ from spherecli.data import EpochBatches, batches, check_images, load_face, norma
 from spherecli.formats import (read_list, save_checkpoint, load_checkpoint, CHECKPOINT_FORMAT,
                                MODEL_FORMAT)
 from spherecli.losses import create_head
-from spherecli.models import create_model
+from spherecli.models import autocast_dtype, create_model
 
 
 # --------------------------------------------------------------------------- pieces
@@ -79,15 +79,6 @@ def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
             raise UserError("--device cuda asked for, but PyTorch sees no GPU")
         return torch.device("cuda", local_rank if kind == "cuda" else int(kind.split(":")[1]))
     return torch.device("cpu")
-
-
-def autocast_dtype(amp: str, device: torch.device):
-    """The autocast dtype for --amp, None for fp32."""
-    if amp == "auto":
-        fast_bf16 = (torch.cuda.is_bf16_supported(including_emulation=False)
-                     if device.type == "cuda" else getattr(torch.cpu, "_is_amx_tile_supported", bool)())
-        return torch.bfloat16 if fast_bf16 else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
 
 class Stopped(UserError):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from spherecli import UserError
-from spherecli.evaluate import (THRESHOLDS, accuracy, best_threshold, evaluate, read_pairs,
-                                roc, verification)
-from spherecli.models import create_model
+from spherecli.evaluate import (THRESHOLDS, accuracy, best_threshold, evaluate, extract,
+                                read_pairs, roc, verification)
+from spherecli.models import create_model, load_model
 
 from conftest import copy_images
 
@@ -162,6 +162,16 @@ def test_end_to_end_on_real_lfw_pairs(lfw_subset, tmp_path):
     summed = evaluate(w / "pairs.txt", model=w / "model.pt", data=w / "aligned", flip="sum",
                       mean_subtract=False, workers=0, progress=False)
     assert summed["settings"] == {**result["settings"], "flip": "sum", "mean_subtract": False}
+
+
+def test_bf16_features_stay_close_to_fp32(lfw_subset):
+    paths = sorted(str(p) for p in (lfw_subset / "aligned").glob("*/*.jpg"))[:32]
+    model, _ = load_model(lfw_subset / "model.pt")
+    full = extract(model, paths, workers=0, progress=False)
+    half = extract(model, paths, amp="bf16", workers=0, progress=False)
+    assert not np.array_equal(full, half)  # the network did run in bf16
+    cosine = np.sum(full * half, 1) / (np.linalg.norm(full, axis=1) * np.linalg.norm(half, axis=1))
+    assert cosine.min() > 0.99
 
 
 def test_missing_images_and_wrong_architecture(lfw_subset, tmp_path):

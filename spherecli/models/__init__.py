@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from spherecli import UserError
@@ -15,6 +16,15 @@ def create_model(arch: str, input_size=(112, 96), feature_dim: int = 512) -> nn.
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     return ARCHS[arch](input_size=tuple(input_size), feature_dim=feature_dim)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for --amp (auto, none, bf16, fp16); None means fp32."""
+    if amp == "auto":
+        fast_bf16 = (torch.cuda.is_bf16_supported(including_emulation=False)
+                     if device.type == "cuda" else getattr(torch.cpu, "_is_amx_tile_supported", bool)())
+        return torch.bfloat16 if fast_bf16 else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
 
 def count_parameters(model: nn.Module) -> int:
