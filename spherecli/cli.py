@@ -280,8 +280,8 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
               help="Also write every pair's held-out score into this CSV.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @click.option("--amp", type=click.Choice(["none", "bf16", "fp16", "auto"]), default="none",
-              help="Extract in reduced precision (faster; LFW within 0.1 points, see "
-                   "docs/benchmarks.md).  [default: none, fp32 as the original]")
+              help="Extract in reduced precision: faster, LFW within 0.1 points "
+                   "(docs/benchmarks.md); none is fp32, as the original.")
 @click.option("--batch-size", default=128, help="Images per forward pass.")
 @click.option("--workers", default=2, help="DataLoader worker processes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -458,12 +458,14 @@ def embed(root, output, model, select, device, aligned, flip, quiet):
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, exists=True))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
-              help="model.onnx (ONNX) or model.ts / model.pt (TorchScript).")
+              help="model.onnx (ONNX), model.pt2 (torch.export) or model.ts / model.pt "
+                   "(TorchScript, for LibTorch).")
 @click.option("--check", "check_dir", type=click.Path(file_okay=False, exists=True),
               help="Aligned faces to compare exported and PyTorch features on.")
 @click.option("--opset", default=17, help="ONNX opset version.")
 def export(model, output, check_dir, opset):
-    """Export the feature network alone to ONNX or TorchScript, checked against PyTorch.
+    """Export the feature network alone to ONNX, torch.export or TorchScript, checked
+    against PyTorch.
 
     Input: float (N, 3, H, W) BGR, (pixel - 127.5) / 128; output: (N, 512).
     """

@@ -1,4 +1,4 @@
-"""Export the feature network to ONNX or TorchScript, and check it against PyTorch.
+"""Export the feature network to ONNX, torch.export or TorchScript, and check it against PyTorch.
 
 The exported network takes what the trainer feeds it: float (N, 3, H, W)
 BGR images scaled as (x - 127.5) / 128, and returns the (N, 512) feature.
@@ -34,7 +34,8 @@ def check_batch(size: tuple[int, int], check_dir: str | Path | None, n: int = 32
 
 def export(model_path: str | Path, output: str | Path, *, check_dir: str | Path | None = None,
            opset: int = 17) -> dict:
-    """Write the network as .onnx or as TorchScript (.pt/.ts) and compare its features."""
+    """Write the network as .onnx, .pt2 (torch.export) or TorchScript (.pt/.ts) and compare
+    its features."""
     model, state = load_model(model_path)
     size = tuple(state["input_size"])
     output = Path(output)
@@ -53,14 +54,24 @@ def export(model_path: str | Path, output: str | Path, *, check_dir: str | Path 
         session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
         got = session.run(["feature"], {"image": x.numpy()})[0]
         runtime = f"onnxruntime {onnxruntime.__version__}"
+    elif output.suffix == ".pt2":
+        # torch.export is what PyTorch now maintains in TorchScript's place; AOTInductor
+        # compiles a .pt2 for serving without Python.
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), output)
+        with torch.no_grad():
+            got = torch.export.load(output).module()(x).numpy()
+        runtime = "torch.export"
     elif output.suffix in (".pt", ".ts"):
+        # TorchScript is deprecated in PyTorch but still what LibTorch (C++) loads.
         traced = torch.jit.trace(model, x[:1])
         traced.save(str(output))
         with torch.no_grad():
             got = torch.jit.load(str(output))(x).numpy()
         runtime = "torch.jit"
     else:
-        raise UserError(f"{output}: use .onnx for ONNX or .pt / .ts for TorchScript")
+        raise UserError(f"{output}: use .onnx for ONNX, .pt2 for torch.export or .pt / .ts "
+                        "for TorchScript")
     return {"output": str(output), "checked": True, "runtime": runtime, "inputs": what,
             "max_abs_diff": float(np.abs(got - expected).max()),
             "max_abs_feature": float(np.abs(expected).max())}

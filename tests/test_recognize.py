@@ -152,7 +152,7 @@ def test_embed_raw_and_aligned(model, wild_split, celeba_list, tmp_path):
     assert feats.shape == (len(list(aligned.rglob("*.jpg"))), 512) and not notes
 
 
-@pytest.mark.parametrize("suffix", [".onnx", ".ts"])
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2", ".ts"])
 def test_export_round_trip(model, celeba_list, tmp_path, suffix):
     result = export(model, tmp_path / f"model{suffix}", check_dir=celeba_list.parent / "aligned")
     assert result["checked"] and "aligned faces" in result["inputs"]
