@@ -213,7 +213,9 @@ def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: s
         with np.load(features) as f:
             index = {str(n): i for i, n in enumerate(f["names"])}
             stored = f["features"].astype(np.float64)
+            # How the features were made, not how this call would make them.
             flip = str(f["flip"]) if "flip" in f else flip
+            amp = str(f["amp"]) if "amp" in f else amp
         missing = [n for n in names if n not in index]
         where = str(features)
     else:
@@ -237,7 +239,7 @@ def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: s
     for n in present:
         table[row[n]] = stored[index[n]]
     if save_features is not None:
-        np.savez(save_features, names=np.array(present), flip=flip,
+        np.savez(save_features, names=np.array(present), flip=flip, amp=amp,
                  features=table[[row[n] for n in present]].astype(np.float32))
     result = evaluate_features(table, row, pairs, mean_subtract)
     result["calibration"]["flip"] = flip

@@ -55,8 +55,8 @@ def export(model_path: str | Path, output: str | Path, *, check_dir: str | Path 
         got = session.run(["feature"], {"image": x.numpy()})[0]
         runtime = f"onnxruntime {onnxruntime.__version__}"
     elif output.suffix == ".pt2":
-        # torch.export is what PyTorch now maintains in TorchScript's place; AOTInductor
-        # compiles a .pt2 for serving without Python.
+        # torch.export is what PyTorch now maintains in TorchScript's place, and what
+        # AOTInductor compiles for serving without Python.
         batch = torch.export.Dim("batch", min=1, max=65536)
         torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), output)
         with torch.no_grad():

@@ -164,7 +164,7 @@ def test_end_to_end_on_real_lfw_pairs(lfw_subset, tmp_path):
     assert summed["settings"] == {**result["settings"], "flip": "sum", "mean_subtract": False}
 
 
-def test_bf16_features_stay_close_to_fp32(lfw_subset):
+def test_bf16_features_stay_close_to_fp32(lfw_subset, tmp_path):
     paths = sorted(str(p) for p in (lfw_subset / "aligned").glob("*/*.jpg"))[:32]
     model, _ = load_model(lfw_subset / "model.pt")
     full = extract(model, paths, workers=0, progress=False)
@@ -172,6 +172,12 @@ def test_bf16_features_stay_close_to_fp32(lfw_subset):
     assert not np.array_equal(full, half)  # the network did run in bf16
     cosine = np.sum(full * half, 1) / (np.linalg.norm(full, axis=1) * np.linalg.norm(half, axis=1))
     assert cosine.min() > 0.99
+    # Saved features remember their precision; evaluating them reports it.
+    saved = tmp_path / "bf16.npz"
+    evaluate(lfw_subset / "pairs.txt", model=lfw_subset / "model.pt", data=lfw_subset / "aligned",
+             amp="bf16", save_features=saved, workers=0, progress=False)
+    again = evaluate(lfw_subset / "pairs.txt", features=saved, progress=False)
+    assert again["settings"]["amp"] == "bf16"
 
 
 def test_missing_images_and_wrong_architecture(lfw_subset, tmp_path):
