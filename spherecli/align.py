@@ -20,15 +20,10 @@ from spherecli import UserError
 from spherecli.formats import is_manifest, read_landmark_file, read_manifest
 from spherecli.images import decode, describe_error, encode, write_atomic
 from spherecli.parallel import cpu_count, map_batches
+from spherecli.registry import REFERENCES
 
 # The original's reference points for a 112 (rows) x 96 (columns) crop, (x, y).
-REFERENCE_112x96 = np.array([
-    [30.2946, 51.6963],
-    [65.5318, 51.5014],
-    [48.0252, 71.7366],
-    [33.5493, 92.3655],
-    [62.7299, 92.2041],
-], dtype=np.float64)
+REFERENCE_112x96 = np.array(REFERENCES["sphereface"][1], dtype=np.float64)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -42,16 +37,17 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def reference_points(size: tuple[int, int] = (112, 96)) -> np.ndarray:
+def reference_points(size: tuple[int, int] = (112, 96), reference: str = "sphereface") -> np.ndarray:
     """Reference landmarks for a crop of (height, width).
 
-    The 112x96 points are scaled by height/112 and centred horizontally, so
-    112x112 moves them 8 px right (the usual ArcFace crop) and 224x192
-    doubles them.
+    A reference set's points are scaled by the height ratio and centred
+    horizontally: the SphereFace points at 112x112 move 8 px right, at
+    224x192 they double.
     """
+    (h0, w0), points = REFERENCES[reference]
     h, w = size
-    s = h / 112.0
-    return REFERENCE_112x96 * s + np.array([(w - 96.0 * s) / 2.0, 0.0])
+    s = h / h0
+    return np.array(points, dtype=np.float64) * s + np.array([(w - w0 * s) / 2.0, 0.0])
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -81,10 +77,11 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 MATLAB_ORIGIN = 1.0
 
 
-def align_face(rgb: np.ndarray, landmarks, size: tuple[int, int] = (112, 96)) -> np.ndarray:
+def align_face(rgb: np.ndarray, landmarks, size: tuple[int, int] = (112, 96),
+               reference: str = "sphereface") -> np.ndarray:
     """Crop one face: RGB image + its five (x, y) landmarks -> aligned RGB crop."""
     m = similarity_transform(np.asarray(landmarks, dtype=np.float64) - MATLAB_ORIGIN,
-                             reference_points(size) - MATLAB_ORIGIN)
+                             reference_points(size, reference) - MATLAB_ORIGIN)
     return cv2.warpAffine(rgb, m, (size[1], size[0]), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
@@ -114,12 +111,12 @@ def _init_worker(job: dict) -> None:
 
 def _align_batch(batch: list[tuple[str, bool, str, list]]) -> list[tuple[str, str]]:
     """Align a batch of (root, exif, path, landmarks); returns (path, outcome) pairs."""
-    out, size, quality = Path(_job["out"]), _job["size"], _job["jpeg_quality"]
+    out, size, quality, reference = Path(_job["out"]), _job["size"], _job["jpeg_quality"], _job["reference"]
     results = []
     for root, exif, rel, landmarks in batch:
         try:
             rgb, _ = decode(os.path.join(root, rel), exif=exif)
-            face = align_face(rgb, landmarks, size)
+            face = align_face(rgb, landmarks, size, reference)
             target = out / rel
             write_atomic(target, encode(face[:, :, ::-1], target.suffix, quality))
             results.append((rel, "aligned"))
@@ -129,7 +126,7 @@ def _align_batch(batch: list[tuple[str, bool, str, list]]) -> list[tuple[str, st
 
 
 def align_manifests(sources: list[str | Path], out: str | Path, *, root: str | None = None,
-                    size: tuple[int, int] = (112, 96), jpeg_quality: int = 95,
+                    size: tuple[int, int] = (112, 96), reference: str = "sphereface", jpeg_quality: int = 95,
                     workers: int | None = None, overwrite: bool = False,
                     no_face: str = "skip", progress: bool = True) -> dict:
     """Align every face with landmarks in the given manifests or landmark files into out.
@@ -176,7 +173,7 @@ def align_manifests(sources: list[str | Path], out: str | Path, *, root: str | N
 
     batches = [todo[i:i + 64] for i in range(0, len(todo), 64)]
     workers = 1 if len(batches) < 2 else (workers or cpu_count())
-    job = {"out": str(out), "size": size, "jpeg_quality": jpeg_quality}
+    job = {"out": str(out), "size": size, "reference": reference, "jpeg_quality": jpeg_quality}
     errors = []
     start = time.perf_counter()
     with tqdm(total=len(todo), unit="img", desc="align", disable=not progress or not todo,

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from spherecli import UserError, __version__
 from spherecli.config import DEFAULT_THRESHOLD
+from spherecli.registry import IMPORT_FORMATS, REFERENCES
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -52,6 +53,13 @@ def parse_shard(text: str | None):
     return k, n
 
 
+def input_spec_option(fn):
+    return click.option("--input-spec", help="For an ONNX model: the input it takes, as a preset "
+                        "(insightface: 112x112 RGB, ArcFace points, (x - 127.5) / 127.5; sphereface), "
+                        "a JSON file, or key=value pairs (size, reference, channels, mean, std).  "
+                        "[default: MODEL.onnx.json]")(fn)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="sphereface")
 def cli():
@@ -68,8 +76,10 @@ def cli():
     verify    are two photos the same person?
     identify  name the faces of photos or a video from a gallery
     embed     features of a folder of photos         -> .npz
-    export    the network to ONNX or TorchScript
+    export    the network to ONNX, torch.export or TorchScript
+    import    a published model (Caffe SphereFace, sphere20a, MobileFaceNet)
     afs       angular Fisher score of a model on labelled faces
+    report    compare training runs
     """
 
 
@@ -123,8 +133,12 @@ def detect(root, output, min_face, factor, thresholds, select, all_faces, exif, 
 @click.option("--root", type=click.Path(file_okay=False),
               help="Folder the image paths are relative to (needed for landmark text files; "
                    "overrides the manifest's root).")
-@click.option("--size", default="112x96", help="Crop HEIGHTxWIDTH; reference points scale with "
-              "the height and are centred horizontally (112x112 shifts them 8 px right).")
+@click.option("--reference", type=click.Choice(list(REFERENCES)), default="sphereface",
+              help="Reference points: the original's (112x96) or insightface's ArcFace points "
+                   "(112x112), for networks aligned that way.")
+@click.option("--size", help="Crop HEIGHTxWIDTH; reference points scale with the height and are "
+              "centred horizontally (SphereFace's at 112x112 move 8 px right).  "
+              "[default: the reference's own size]")
 @click.option("--jpeg-quality", default=95, type=click.IntRange(1, 100),
               help="JPEG quality of the crops (Matlab's imwrite used 75).")
 @click.option("--workers", type=int, help="Processes.  [default: number of cores]")
@@ -134,7 +148,7 @@ def detect(root, output, min_face, factor, thresholds, select, all_faces, exif, 
                    "mean landmark position of the other images (for test sets like LFW, where "
                    "every image must be scored).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def align(sources, output, root, size, jpeg_quality, workers, overwrite, no_face, quiet):
+def align(sources, output, root, reference, size, jpeg_quality, workers, overwrite, no_face, quiet):
     """Align the faces of one or more landmark manifests (or text files).
 
     A landmark text file has lines `relative/path.jpg x1 y1 x2 y2 ... x5 y5`
@@ -143,13 +157,14 @@ def align(sources, output, root, size, jpeg_quality, workers, overwrite, no_face
     from spherecli.align import align_manifests, parse_size
     from spherecli.formats import is_manifest, read_manifest
 
-    hw = parse_size(size)
+    hw = parse_size(size) if size else REFERENCES[reference][0]
     if output is None:
         if not sources[0].is_file() or not is_manifest(sources[0]):
             raise UserError("pass -o OUTPUT for landmark text files")
         base = root or read_manifest(sources[0])[0]["root"]
         output = Path(f"{str(base).rstrip('/')}-{hw[0]}X{hw[1]}")
-    summary = align_manifests(sources, output, root=root, size=hw, jpeg_quality=jpeg_quality,
+    summary = align_manifests(sources, output, root=root, size=hw, reference=reference,
+                              jpeg_quality=jpeg_quality,
                               workers=workers, overwrite=overwrite, no_face=no_face,
                               progress=not quiet)
     for line in summary.pop("errors"):
@@ -195,7 +210,7 @@ def config_options(fn):
     """One option per TrainConfig field, so the CLI and the TOML file speak the same names."""
     from dataclasses import fields
 
-    from spherecli.config import CHOICES, TrainConfig
+    from spherecli.config import CHOICES, TrainConfig, field_type
 
     for f in reversed(fields(TrainConfig)):
         flag = "--" + f.name.replace("_", "-")
@@ -204,10 +219,8 @@ def config_options(fn):
             decl, kind = [f"{flag}/--no-{flag[2:]}"], None
         elif f.name in CHOICES:
             decl, kind = [flag], click.Choice(CHOICES[f.name])
-        elif f.name in ("margin", "scale"):
-            decl, kind = [flag], float
         else:
-            decl, kind = [flag], type(default) if default not in (None, "") else str
+            decl, kind = [flag], field_type(f) if f.name != "lr_steps" else str
         fn = click.option(*decl, f.name, type=kind, default=default,
                           show_default=default not in (None, ""), help=f.metadata["help"])(fn)
     return fn
@@ -232,12 +245,14 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
     and, at the end, model.pt (the network alone).
     """
     if list_archs:
-        from spherecli.models import ARCHS, count_parameters
-        from spherecli.models.sphereface import UNITS
+        from spherecli.models import count_parameters
+        from spherecli.registry import NETWORKS
 
-        table = Table("arch", "residual units", "parameters (112x96)")
-        for name, build in ARCHS.items():
-            table.add_row(name, str(UNITS[int(name[6:])]), f"{count_parameters(build()):,}")
+        table = Table("arch", "network", "feature", "parameters (112x96)")
+        for name, build in NETWORKS.all().items():
+            net = build()
+            table.add_row(name, (build.__doc__ or "").strip().splitlines()[0], str(net.feature_dim),
+                          f"{count_parameters(net):,}")
         stdout().print(table)
         return
     from spherecli.config import resolve
@@ -258,7 +273,8 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
 @click.option("--pairs", type=click.Path(dir_okay=False, exists=True), required=True,
               help="Pair list in the LFW format (pairs.txt: header, then 'name i j' / 'name1 i name2 j').")
 @click.option("--model", type=click.Path(dir_okay=False, exists=True),
-              help="Checkpoint or model.pt from `sphereface train`.")
+              help="model.pt from `sphereface train` or `sphereface import`, a checkpoint, or an "
+                   "ONNX face network.")
 @click.option("--data", type=click.Path(file_okay=False, exists=True),
               help="Aligned images of the pair list (e.g. lfw-112X96).")
 @click.option("--features", type=click.Path(dir_okay=False, exists=True),
@@ -273,6 +289,7 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
               help="Subtract the other folds' mean feature before the cosine (original: yes).")
 @click.option("--skip-missing", is_flag=True, help="Score pairs with a missing image as failures.")
 @click.option("--arch", help="Expected network; a checkpoint of another one is refused.")
+@input_spec_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Result JSON.  [default: MODEL-or-FEATURES.lfw.json]")
 @click.option("--roc", type=click.Path(dir_okay=False), help="Also draw the ROC curve into this PNG.")
@@ -286,7 +303,7 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
 @click.option("--workers", default=2, help="DataLoader worker processes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def evaluate(pairs, model, data, features, save_features, pattern, flip, mean_subtract, skip_missing,
-             arch, output, roc, scores, device, amp, batch_size, workers, quiet):
+             arch, input_spec, output, roc, scores, device, amp, batch_size, workers, quiet):
     """Verification accuracy on a pair list (LFW view 2), as the original evaluation.m.
 
     Prints the per-fold table and the mean; writes every number (folds,
@@ -299,7 +316,8 @@ def evaluate(pairs, model, data, features, save_features, pattern, flip, mean_su
 
     result = run(pairs, model=model, data=data, features=features, save_features=save_features,
                  pattern=pattern, flip=flip, mean_subtract=mean_subtract, skip_missing=skip_missing,
-                 arch=arch, batch_size=batch_size, workers=workers, device=device, amp=amp,
+                 arch=arch, input_spec=input_spec, batch_size=batch_size, workers=workers,
+                 device=device, amp=amp,
                  progress=not quiet)
     table = Table("fold", "ACC (%)")
     for fold, acc in fold_table(result):
@@ -335,11 +353,13 @@ def evaluate(pairs, model, data, features, save_features, pattern, flip, mean_su
 
 def model_options(fn):
     """What every command that runs a model on photos takes."""
+    fn = input_spec_option(fn)
     fn = click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")(fn)
     fn = click.option("--select", type=click.Choice(["center", "largest", "confident"]),
                       default="center", help="Which face of a photo with several (as in detect).")(fn)
     fn = click.option("--model", type=click.Path(dir_okay=False, exists=True), required=True,
-                      help="model.pt (or checkpoint.pt) from `sphereface train`.")(fn)
+                      help="model.pt (or checkpoint.pt) from `sphereface train` or `sphereface "
+                           "import`, or an ONNX face network.")(fn)
     return fn
 
 
@@ -353,11 +373,11 @@ def scoring_options(fn):
     return fn
 
 
-def embedder(model, device, calibration=None, threshold=None):
+def embedder(model, device, input_spec, calibration=None, threshold=None):
     from spherecli.recognize import Calibration, FaceEmbedder
 
     cal = Calibration.load(model, calibration, threshold)
-    return FaceEmbedder(model, device=device, flip=cal.flip), cal
+    return FaceEmbedder(model, device=device, flip=cal.flip, input_spec=input_spec), cal
 
 
 @cli.command()
@@ -365,7 +385,7 @@ def embedder(model, device, calibration=None, threshold=None):
 @click.argument("photo_b", type=click.Path(dir_okay=False, exists=True))
 @model_options
 @scoring_options
-def verify(photo_a, photo_b, model, select, device, calibration, threshold):
+def verify(photo_a, photo_b, model, select, device, input_spec, calibration, threshold):
     """Are the faces in two photos the same person?
 
     Detects, aligns and embeds the face of each photo, prints the cosine
@@ -373,7 +393,7 @@ def verify(photo_a, photo_b, model, select, device, calibration, threshold):
     """
     from spherecli.recognize import verify as run
 
-    emb, cal = embedder(model, device, calibration, threshold)
+    emb, cal = embedder(model, device, input_spec, calibration, threshold)
     result = run(emb, photo_a, photo_b, cal, select)
     for note in result["notes"]:
         console.print(f"note: {note}", highlight=False)
@@ -396,8 +416,8 @@ def verify(photo_a, photo_b, model, select, device, calibration, threshold):
               help="Draw a box and name per face: a folder (for photos) or a video file.")
 @click.option("--cache", type=click.Path(dir_okay=False),
               help="Gallery feature cache.  [default: GALLERY/.sphereface-gallery.npz]")
-def identify(gallery, probe, model, select, device, calibration, threshold, every, output, annotate,
-             cache):
+def identify(gallery, probe, model, select, device, input_spec, calibration, threshold, every, output,
+             annotate, cache):
     """Name every face in the probe from a gallery of known people, or call it unknown.
 
     Several photos of a person are averaged into one template. A face
@@ -409,7 +429,7 @@ def identify(gallery, probe, model, select, device, calibration, threshold, ever
 
     from spherecli.recognize import gallery as build, identify as run, templates
 
-    emb, cal = embedder(model, device, calibration, threshold)
+    emb, cal = embedder(model, device, input_spec, calibration, threshold)
     people, feats, notes = build(emb, gallery, model, cache=cache, select=select)
     for note in notes:
         console.print(f"note: {note}", highlight=False)
@@ -441,13 +461,13 @@ def identify(gallery, probe, model, select, device, calibration, threshold, ever
 @click.option("--flip", type=click.Choice(["concat", "sum", "none"]), default="concat",
               help="Add the mirror image's feature (as evaluate does).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def embed(root, output, model, select, device, aligned, flip, quiet):
+def embed(root, output, model, select, device, input_spec, aligned, flip, quiet):
     """Features for every image under ROOT, for use in other tools."""
     import numpy as np
 
     from spherecli.recognize import FaceEmbedder, embed_folder
 
-    emb = FaceEmbedder(model, device=device, flip=flip)
+    emb = FaceEmbedder(model, device=device, flip=flip, input_spec=input_spec)
     names, feats, notes = embed_folder(emb, root, aligned=aligned, select=select, progress=not quiet)
     for note in notes:
         console.print(f"note: {note}", highlight=False)
@@ -467,7 +487,9 @@ def export(model, output, check_dir, opset):
     """Export the feature network alone to ONNX, torch.export or TorchScript, checked
     against PyTorch.
 
-    Input: float (N, 3, H, W) BGR, (pixel - 127.5) / 128; output: (N, 512).
+    Input: float (N, 3, H, W) crops prepared as the model's input spec says
+    (ours: BGR, (pixel - 127.5) / 128); output: (N, feature size). An ONNX
+    export gets its input spec beside it, OUTPUT.json.
     """
     from spherecli.export import export as run
 
@@ -478,12 +500,13 @@ def export(model, output, check_dir, opset):
 @cli.command()
 @click.argument("aligned_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--model", type=click.Path(dir_okay=False, exists=True), required=True,
-              help="model.pt from `sphereface train`.")
+              help="model.pt from `sphereface train` or `sphereface import`, or an ONNX network.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
+@input_spec_option
 @click.option("--flip", type=click.Choice(["concat", "sum", "none"]), default="none",
               help="Feature of each image: alone (default), or with its mirror's.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def afs(aligned_dir, model, device, flip, quiet):
+def afs(aligned_dir, model, device, input_spec, flip, quiet):
     """Angular Fisher score of a model on a labelled aligned folder (lower is better).
 
     The SphereFace appendix's measure, AFS = S_w / S_b: within-class
@@ -491,11 +514,37 @@ def afs(aligned_dir, model, device, flip, quiet):
     """
     from spherecli.recognize import FaceEmbedder, angular_fisher_score, embed_folder
 
-    emb = FaceEmbedder(model, device=device, flip=flip)
+    emb = FaceEmbedder(model, device=device, flip=flip, input_spec=input_spec)
     names, feats, _ = embed_folder(emb, aligned_dir, aligned=True, progress=not quiet)
     labels = [n.split("/")[0] for n in names]
     score = angular_fisher_score(feats, labels)
     click.echo(f"angular Fisher score {score:.4f}  ({len(names)} images, {len(set(labels))} classes)")
+
+
+@cli.command(name="import")
+@click.argument("source", type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="The spherecli model file to write (model.pt).")
+@click.option("--format", "fmt", type=click.Choice(IMPORT_FORMATS),
+              help="What SOURCE is.  [default: from its name and contents]")
+@click.option("--prototxt", type=click.Path(dir_okay=False, exists=True),
+              help="The Caffe deploy .prototxt, for the network's input size.  [default: 112x96]")
+@click.option("--input-spec", help="Override the input the network was trained with (a preset, a "
+              "JSON file, or key=value pairs); each format knows its own.")
+def import_(source, output, fmt, prototxt, input_spec):
+    """Turn a published model into a spherecli model file.
+
+    \b
+    Caffe SphereFace (the original release): sphereface_model.caffemodel --prototxt sphereface_deploy.prototxt
+    clcarwin/sphereface_pytorch:            sphere20a_20171020.pth
+    Xiaoccer/MobileFaceNet_Pytorch:         068.ckpt
+    Weights only: nothing in SOURCE is executed. ONNX networks need no import.
+    """
+    from spherecli.convert import import_model
+    from spherecli.formats import parse_input_spec
+
+    spec = parse_input_spec(input_spec) if input_spec else None
+    show(f"import -> {output}", import_model(source, output, fmt=fmt, prototxt=prototxt, input_spec=spec))
 
 
 @cli.command()

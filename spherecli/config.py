@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from spherecli import UserError
+from spherecli.registry import NETWORKS
 
 
 def opt(default, help: str):
@@ -37,8 +38,9 @@ class TrainConfig:
                              "~32 KB per 112x96 image).")
     workers: int = opt(4, "DataLoader worker processes per training process.")
     # network
-    arch: str = opt("sphere20", "Network: sphere4, sphere10, sphere20, sphere36, sphere64.")
-    feature_dim: int = opt(512, "Face feature size (fc5 outputs).")
+    arch: str = opt("sphere20", "Network (`--list-archs` describes them).")
+    feature_dim: int | None = opt(None, "Face feature size [default: the network's own: 512 for "
+                                        "SphereFace, 128 for MobileFaceNet].")
     # head
     head: str = opt("asoftmax", "Margin head: asoftmax, softmax, cosface, arcface.")
     margin: float | None = opt(None, "Margin m [default: A-Softmax 4, CosFace 0.35, ArcFace 0.5].")
@@ -84,8 +86,15 @@ class TrainConfig:
                                 "or ignore.")
 
 
-CHOICES = {"head": ("asoftmax", "softmax", "cosface", "arcface"), "backward": ("original", "exact"),
-           "amp": ("auto", "none", "bf16", "fp16"), "on_stall": ("warn", "stop", "ignore")}
+CHOICES = {"arch": NETWORKS.names, "head": ("asoftmax", "softmax", "cosface", "arcface"),
+           "backward": ("original", "exact"), "amp": ("auto", "none", "bf16", "fp16"),
+           "on_stall": ("warn", "stop", "ignore")}
+
+
+def field_type(f) -> type:
+    """The value type of a config field, from its annotation ('float | None' -> float)."""
+    name = str(f.type).split("|")[0].strip()
+    return {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple}[name]
 
 
 def _coerce(name: str, value):
@@ -101,7 +110,7 @@ def _coerce(name: str, value):
         return tuple(float(v) if float(v) < 1 else int(float(v)) for v in value)
     if name in CHOICES and value not in CHOICES[name]:
         raise UserError(f"{name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
-    kind = type(f.default) if f.default is not None else (float if name in ("margin", "scale") else str)
+    kind = field_type(f)
     try:
         return kind(value) if kind is not bool or isinstance(value, bool) else value
     except (TypeError, ValueError):

@@ -2,8 +2,8 @@
 
 Channel order is BGR, as in the original: Caffe's ImageData layer reads with
 OpenCV, and the Matlab evaluation swaps RGB to BGR before the forward pass.
-Pixels are scaled as (x - 127.5) / 128. Images travel as uint8 and are
-normalised on the device, which quarters the bytes moved to a GPU.
+Images travel as uint8 and are scaled on the device (spherecli.features.prepare),
+which quarters the bytes moved to a GPU.
 """
 
 from __future__ import annotations
@@ -31,16 +31,24 @@ def to_chw(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 
-def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float (x - 127.5) / 128."""
-    return (batch.float() - 127.5) / 128.0
+def worker_errors(batches):
+    """Re-raise a UserError from a DataLoader worker as the one line it was, not
+    the worker's traceback that DataLoader wraps around it."""
+    try:
+        yield from batches
+    except UserError as e:
+        raise UserError(str(e).rstrip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
 
 
 class FaceList(Dataset):
-    """Indexed by (index, flip) pairs, so the sampler owns every random choice."""
+    """Indexed by (index, flip) pairs, so the sampler owns every random choice.
 
-    def __init__(self, items: list[tuple[str, int]]):
-        self.items = items
+    With size, an image of another size is an error naming it (raw photos
+    where aligned crops belong, or crops aligned for another network).
+    """
+
+    def __init__(self, items: list[tuple[str, int]], size: tuple[int, int] | None = None):
+        self.items, self.size = items, size
 
     def __len__(self):
         return len(self.items)
@@ -48,7 +56,15 @@ class FaceList(Dataset):
     def __getitem__(self, key):
         index, flip = key
         path, label = self.items[index]
-        img = load_face(path)
+        try:
+            img = load_face(path)
+        except OSError as e:
+            raise UserError(str(e)) from None
+        if self.size is not None and img.shape[:2] != tuple(self.size):
+            h, w = self.size
+            raise UserError(f"{path}: a {img.shape[0]}x{img.shape[1]} image where {h}x{w} aligned "
+                            f"face crops are expected (make them with `sphereface detect` and "
+                            f"`sphereface align --size {h}x{w}`)")
         if flip:
             img = img[:, ::-1]
         return to_chw(img), label
@@ -139,6 +155,6 @@ def batches(items, sampler: EpochBatches, workers: int, cache: bool, pin: bool =
     if cache:
         store = CachedFaces(items, workers)
         return (store.batch(keys) for keys in sampler)
-    return iter(DataLoader(FaceList(items), batch_sampler=sampler, num_workers=workers,
-                           pin_memory=pin, persistent_workers=False,
-                           prefetch_factor=4 if workers else None))
+    return worker_errors(DataLoader(FaceList(items), batch_sampler=sampler, num_workers=workers,
+                                    pin_memory=pin, persistent_workers=False,
+                                    prefetch_factor=4 if workers else None))

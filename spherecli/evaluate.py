@@ -13,13 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from spherecli import UserError
-from spherecli.data import FaceList, normalize
-from spherecli.models import autocast_dtype
+from spherecli.features import unit
 
 THRESHOLDS = np.arange(-10000, 10001) / 10000.0  # Matlab's (-thrNum:thrNum) / thrNum
 LFW_PATTERN = "{name}/{name}_{num:04d}.jpg"
@@ -69,34 +65,6 @@ def read_pairs(path: str | Path, pattern: str = LFW_PATTERN) -> Pairs:
     return Pairs(folds, per_fold, left, right, np.array(same))
 
 
-# --------------------------------------------------------------------------- features
-
-@torch.no_grad()
-def extract(model: torch.nn.Module, paths: list[str], *, flip: str = "concat", batch_size: int = 128,
-            workers: int = 2, device: str = "cpu", amp: str = "none",
-            progress: bool = True) -> np.ndarray:
-    """Features of aligned face images: f(x) ++ f(mirror x), f(x) + f(mirror x), or f(x).
-
-    amp (none, bf16, fp16, auto) runs the network in reduced precision; the
-    default, fp32, is what the published numbers were measured with.
-    """
-    device = torch.device(device)
-    dtype = autocast_dtype(amp, device)
-    model = model.to(device).eval().to(memory_format=torch.channels_last)
-    loader = DataLoader(FaceList([(p, 0) for p in paths]), batch_size=batch_size,
-                        sampler=[(i, False) for i in range(len(paths))], num_workers=workers)
-    out = []
-    for x, _ in tqdm(loader, desc="features", unit="batch", disable=not progress, dynamic_ncols=True):
-        x = normalize(x.to(device)).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype, enabled=dtype is not None):
-            f = model(x).float()
-            if flip != "none":
-                g = model(x.flip(-1)).float()
-                f = torch.cat([f, g], 1) if flip == "concat" else f + g
-        out.append(f.cpu())
-    return torch.cat(out).numpy().astype(np.float64)
-
-
 # --------------------------------------------------------------------------- the protocol
 
 def _counts(scores: np.ndarray, same: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -126,12 +94,8 @@ def verification(left: np.ndarray, right: np.ndarray, same: np.ndarray, folds: i
     rows, test_scores = [], np.empty(n)
     for k in range(folds):
         test, val = fold_of == k, fold_of != k
-        mu = (np.nanmean(np.concatenate([left[val], right[val]]), axis=0) if mean_subtract
-              else np.zeros(left.shape[1]))
-        a, b = left - mu, right - mu
-        a = a / np.linalg.norm(a, axis=1, keepdims=True)
-        b = b / np.linalg.norm(b, axis=1, keepdims=True)
-        scores = np.sum(a * b, axis=1)
+        mu = np.nanmean(np.concatenate([left[val], right[val]]), axis=0) if mean_subtract else None
+        scores = np.sum(unit(left, mu) * unit(right, mu), axis=1)
         threshold = best_threshold(scores[val], same[val])
         rows.append({"fold": k + 1, "accuracy": accuracy(scores[test], same[test], threshold),
                      "threshold": threshold})
@@ -185,8 +149,7 @@ def calibrate(left: np.ndarray, right: np.ndarray, same: np.ndarray, mean_subtra
     """What `verify` and `identify` need to score new faces like this protocol does:
     the mean feature over all pairs and the best threshold on all pairs scored with it."""
     mu = np.nanmean(np.concatenate([left, right]), axis=0) if mean_subtract else None
-    a, b = (left, right) if mu is None else (left - mu, right - mu)
-    scores = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    scores = np.sum(unit(left, mu) * unit(right, mu), axis=1)
     return {"mean": None if mu is None else mu.tolist(), "threshold": best_threshold(scores, same)}
 
 
@@ -203,8 +166,8 @@ def _missing(missing: list[str], where: str) -> UserError:
 def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: str | Path | None = None,
              features: str | Path | None = None, save_features: str | Path | None = None,
              pattern: str = LFW_PATTERN, flip: str = "concat", mean_subtract: bool = True,
-             skip_missing: bool = False, arch: str | None = None, batch_size: int = 128,
-             workers: int = 2, device: str = "cpu", amp: str = "none",
+             skip_missing: bool = False, arch: str | None = None, input_spec: str | None = None,
+             batch_size: int = 128, workers: int = 2, device: str = "cpu", amp: str = "none",
              progress: bool = True) -> dict:
     """Features (from a model and aligned images, or from a file), then the protocol."""
     pairs = read_pairs(pairs_path, pattern)
@@ -221,18 +184,19 @@ def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: s
     else:
         if model is None or data is None:
             raise UserError("give --model and --data (aligned images), or --features")
-        from spherecli.models import load_model
+        from spherecli.features import extract, load_network
 
+        net = load_network(model, device=device, amp=amp, arch=arch, input_spec=input_spec)
         data = Path(data)
         missing = [n for n in names if not (data / n).is_file()]
         where = str(data)
     if missing and not skip_missing:
         raise _missing(missing, where)
-    present = [n for n in names if n not in set(missing)]
+    absent = set(missing)
+    present = [n for n in names if n not in absent]
     if features is None:
-        net, _ = load_model(model, arch)
         stored = extract(net, [str(data / n) for n in present], flip=flip, batch_size=batch_size,
-                         workers=workers, device=device, amp=amp, progress=progress)
+                         workers=workers, progress=progress)
         index = {n: i for i, n in enumerate(present)}
     row = {n: i for i, n in enumerate(names)}
     table = np.full((len(names), stored.shape[1]), np.nan)  # a missing image scores NaN: a failure

@@ -1,7 +1,9 @@
 """Export the feature network to ONNX, torch.export or TorchScript, and check it against PyTorch.
 
-The exported network takes what the trainer feeds it: float (N, 3, H, W)
-BGR images scaled as (x - 127.5) / 128, and returns the (N, 512) feature.
+The exported network takes float (N, 3, H, W) crops prepared as the model
+file's input spec says (for our networks: BGR, (x - 127.5) / 128) and
+returns the (N, feature_dim) feature. An ONNX export gets the spec beside
+it, MODEL.onnx.json, so that `--model MODEL.onnx` runs it like the original.
 """
 
 from __future__ import annotations
@@ -12,40 +14,40 @@ import numpy as np
 import torch
 
 from spherecli import UserError
-from spherecli.data import load_face, normalize, to_chw
+from spherecli.data import load_face, to_chw
+from spherecli.features import prepare
+from spherecli.formats import InputSpec, onnx_sidecar, write_input_spec
 from spherecli.images import walk_images
 from spherecli.models import load_model
 
 
-def check_batch(size: tuple[int, int], check_dir: str | Path | None, n: int = 32) -> tuple[torch.Tensor, str]:
-    """Real aligned faces from check_dir, or seeded noise in the input range when none is given."""
+def check_batch(spec: InputSpec, check_dir: str | Path | None, n: int = 32) -> tuple[torch.Tensor, str]:
+    """Real aligned faces from check_dir, or seeded noise pixels when none is given."""
     if check_dir:
         rels = list(walk_images(check_dir))[:n]
         if not rels:
             raise UserError(f"--check {check_dir}: no images")
-        faces = [to_chw(load_face(str(Path(check_dir) / r))) for r in rels]
-        if faces[0].shape[1:] != size:
-            raise UserError(f"--check {check_dir}: images are {tuple(faces[0].shape[1:])}, "
-                            f"the model takes {size}")
-        return normalize(torch.stack(faces)), f"{len(rels)} aligned faces from {check_dir}"
+        crops = torch.stack([to_chw(load_face(str(Path(check_dir) / r))) for r in rels])
+        return prepare(crops, spec), f"{len(rels)} aligned faces from {check_dir}"
     g = torch.Generator().manual_seed(0)
-    return torch.rand(8, 3, *size, generator=g) * 2 - 1, "8 random inputs (pass --check DIR for real faces)"
+    noise = torch.randint(0, 256, (8, 3, *spec.size), generator=g, dtype=torch.uint8)
+    return prepare(noise, spec), "8 random inputs (pass --check DIR for real faces)"
 
 
 def export(model_path: str | Path, output: str | Path, *, check_dir: str | Path | None = None,
            opset: int = 17) -> dict:
     """Write the network as .onnx, .pt2 (torch.export) or TorchScript (.pt/.ts) and compare
     its features."""
-    model, state = load_model(model_path)
-    size = tuple(state["input_size"])
+    model, file = load_model(model_path)
     output = Path(output)
-    x, what = check_batch(size, check_dir)
+    x, what = check_batch(file.input, check_dir)
     with torch.no_grad():
         expected = model(x).numpy()
     if output.suffix == ".onnx":
         torch.onnx.export(model, (x[:1],), str(output), input_names=["image"], output_names=["feature"],
                           dynamic_axes={"image": {0: "batch"}, "feature": {0: "batch"}},
                           opset_version=opset, dynamo=False)
+        write_input_spec(onnx_sidecar(output), file.input)
         try:
             import onnxruntime
         except ImportError:
@@ -72,6 +74,7 @@ def export(model_path: str | Path, output: str | Path, *, check_dir: str | Path 
     else:
         raise UserError(f"{output}: use .onnx for ONNX, .pt2 for torch.export or .pt / .ts "
                         "for TorchScript")
-    return {"output": str(output), "checked": True, "runtime": runtime, "inputs": what,
+    return {"output": str(output), "input": file.input.describe(), "checked": True, "runtime": runtime,
+            "inputs": what,
             "max_abs_diff": float(np.abs(got - expected).max()),
             "max_abs_feature": float(np.abs(expected).max())}

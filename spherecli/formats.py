@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -227,18 +228,180 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path, expect: str | None = None) -> dict:
-    """Load a checkpoint or model file; expect limits it to one of the two formats."""
+def torch_load(path: str | Path):
+    """torch.load that never runs code from the file, with errors a person can act on."""
+    import pickle
+
     import torch
 
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes), not a model")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except Exception as e:  # noqa: BLE001 - pickle errors come in many types
-        raise UserError(f"{path}: not a readable spherecli checkpoint ({str(e).splitlines()[0]})") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # PyTorch's message suggests weights_only=False: exactly what would run the file's code.
+        lines = (line.strip() for line in str(e).splitlines()[1:])
+        detail = next((line for line in lines if line and not line.startswith(("Check the", "Please file"))),
+                      str(e).splitlines()[0] if str(e) else "unreadable")[:120]
+        if "global" in detail.lower():
+            raise UserError(f"{path}: holds Python objects other than tensors, numbers and "
+                            f"containers ({detail}); spherecli never executes code from a "
+                            "model file, so it does not load it") from None
+        raise UserError(f"{path}: not a PyTorch model or checkpoint file ({detail})") from None
+    except Exception as e:  # noqa: BLE001 - zip, pickle and format errors come in many types
+        raise UserError(f"{path}: not a PyTorch model or checkpoint file "
+                        f"({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
+
+
+def load_checkpoint(path: str | Path, expect: str | None = None) -> dict:
+    """Load a checkpoint or model file; expect limits it to one of the two formats."""
+    state = torch_load(path)
     kind = state.get("format") if isinstance(state, dict) else None
     if kind not in (CHECKPOINT_FORMAT, MODEL_FORMAT) or (expect and kind != expect):
         what = "training checkpoint" if expect == CHECKPOINT_FORMAT else "model"
-        raise UserError(f"{path}: not a spherecli {what}")
+        raise UserError(f"{path}: not a spherecli {what}"
+                        + ("" if expect else " (`sphereface import` converts published ones)"))
     return state
+
+
+# --------------------------------------------------------------------------- input contract
+
+@dataclass
+class InputSpec:
+    """What a network expects of a face crop: the `input` block of a model file, and an
+    ONNX model's sidecar `MODEL.onnx.json`.
+
+    The crop is aligned to the named reference points at size (height, width);
+    its channels come in `channels` order and each value is scaled as
+    (pixel - mean) / std.
+    """
+    size: tuple = (112, 96)
+    reference: str = "sphereface"
+    channels: str = "bgr"
+    mean: float = 127.5
+    std: float = 128.0
+
+    def __post_init__(self):
+        from spherecli.registry import CHANNEL_ORDERS, REFERENCES
+
+        try:
+            self.size = tuple(int(v) for v in self.size)
+            self.mean, self.std = float(self.mean), float(self.std)
+        except (TypeError, ValueError):
+            raise UserError(f"input spec: size must be two integers and mean, std numbers, got "
+                            f"{self.size!r}, {self.mean!r}, {self.std!r}") from None
+        if len(self.size) != 2 or min(self.size) < 8:
+            raise UserError(f"input spec: size must be (height, width), got {self.size}")
+        if self.reference not in REFERENCES:
+            raise UserError(f"input spec: reference must be one of {', '.join(REFERENCES)}, "
+                            f"got {self.reference!r}")
+        if self.channels not in CHANNEL_ORDERS:
+            raise UserError(f"input spec: channels must be one of {', '.join(CHANNEL_ORDERS)}, "
+                            f"got {self.channels!r}")
+        if self.std == 0:
+            raise UserError("input spec: std must not be 0")
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        return d
+
+    def describe(self) -> str:
+        h, w = self.size
+        return (f"{h}x{w} {self.channels.upper()} crops aligned to the {self.reference} points, "
+                f"(pixel - {self.mean:g}) / {self.std:g}")
+
+
+INPUT_PRESETS = {
+    # Our networks and the original release: Caffe reads BGR.
+    "sphereface": InputSpec(),
+    # insightface's model packs and most ONNX face networks since ArcFace.
+    "insightface": InputSpec((112, 112), "arcface", "rgb", 127.5, 127.5),
+}
+
+
+def parse_input_spec(text: str) -> InputSpec:
+    """An input spec from the command line: a preset name, a JSON file, or
+    `preset,key=value,...` / `key=value,...` on top of the sphereface preset."""
+    if text in INPUT_PRESETS:
+        return INPUT_PRESETS[text]
+    if text.endswith(".json"):
+        return read_input_spec(text)
+    fields_ = {}
+    base = INPUT_PRESETS["sphereface"]
+    for i, part in enumerate(p.strip() for p in text.split(",") if p.strip()):
+        if i == 0 and part in INPUT_PRESETS:
+            base = INPUT_PRESETS[part]
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or key not in InputSpec.__dataclass_fields__:
+            raise UserError(f"--input-spec {text!r}: expected a preset ({', '.join(INPUT_PRESETS)}), a "
+                            f".json file, or key=value pairs of {', '.join(InputSpec.__dataclass_fields__)}")
+        fields_[key] = value.lower().split("x") if key == "size" else value
+    return InputSpec(**{**asdict(base), **fields_})
+
+
+def read_input_spec(path: str | Path) -> InputSpec:
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    d = d.get("input", d) if isinstance(d, dict) else d
+    if not isinstance(d, dict) or set(d) - set(InputSpec.__dataclass_fields__):
+        raise UserError(f"{path}: expected an object with {', '.join(InputSpec.__dataclass_fields__)}")
+    try:
+        return InputSpec(**d)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def write_input_spec(path: str | Path, spec: InputSpec) -> None:
+    Path(path).write_text(json.dumps({"format": "spherecli.input", "input": spec.as_json()}, indent=1)
+                          + "\n", encoding="utf-8")
+
+
+def onnx_sidecar(model: str | Path) -> Path:
+    """Where an ONNX model's input spec lives: next to it, MODEL.onnx.json."""
+    return Path(str(model) + ".json")
+
+
+# --------------------------------------------------------------------------- model file
+
+@dataclass
+class ModelFile:
+    """The feature network alone (`model.pt`): what `create_model(arch, **model_args)`
+    builds, its weights, and its input spec. A training checkpoint holds the same
+    keys, so it reads as a model file too."""
+    arch: str
+    model_args: dict
+    weights: dict
+    input: InputSpec
+    origin: dict = field(default_factory=dict)   # the training config, or where it was imported from
+
+    def save(self, path: str | Path) -> None:
+        save_checkpoint(path, {"format": MODEL_FORMAT, "version": 2, "tool": f"spherecli {__version__}",
+                               **self.header(), "model": self.weights})
+
+    def header(self) -> dict:
+        """Every key but the weights, shared with the training checkpoint."""
+        return {"arch": self.arch, "model_args": self.model_args, "input": self.input.as_json(),
+                "origin": self.origin}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelFile":
+        state = load_checkpoint(path)
+        try:
+            # Files written before version 2 kept the constructor's arguments at the top
+            # level and always meant SphereFace's 112x96 BGR input.
+            args = state.get("model_args") or {"input_size": state["input_size"],
+                                               "feature_dim": state["feature_dim"]}
+            spec = InputSpec(**state["input"]) if "input" in state else InputSpec(size=args["input_size"])
+            origin = state.get("origin") or {"config": state.get("config")}
+            return cls(state["arch"], dict(args), state["model"], spec, origin)
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{path}: a spherecli model file without {e}") from None

@@ -21,10 +21,10 @@ import torch
 from spherecli import UserError
 from spherecli.align import align_face
 from spherecli.config import DEFAULT_THRESHOLD
-from spherecli.data import load_face, normalize, to_chw
+from spherecli.data import load_face, to_chw
 from spherecli.detect import DetectSettings, FaceDetector, select_face
+from spherecli.features import embed, feature_width, load_network, unit
 from spherecli.images import decode, describe_error, is_image_name, walk_images
-from spherecli.models import load_model
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -58,21 +58,17 @@ class Calibration:
 
     def unit(self, features: np.ndarray) -> np.ndarray:
         """Features made ready for cosine scoring: centred, then unit length."""
-        f = np.asarray(features, dtype=np.float64)
-        if self.mean is not None:
-            f = f - self.mean
-        return f / np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+        return unit(features, self.mean)
 
 
 class FaceEmbedder:
-    """Photo -> faces -> aligned crops -> features, with one model and one detector."""
+    """Photo -> faces -> aligned crops -> features, with one network and one detector."""
 
     def __init__(self, model: str | Path, *, device: str = "cpu", flip: str = "concat",
-                 settings: DetectSettings | None = None, batch_size: int = 64):
-        self.net, state = load_model(model)
-        self.device = torch.device(device)
-        self.net.to(self.device)
-        self.size = tuple(state["input_size"])
+                 settings: DetectSettings | None = None, batch_size: int = 64,
+                 input_spec: str | None = None):
+        self.net = load_network(model, device=device, input_spec=input_spec)
+        self.device = device
         self.flip, self.batch_size = flip, batch_size
         self.settings = settings or DetectSettings()
         self._detector = None
@@ -88,19 +84,13 @@ class FaceEmbedder:
 
     def crops(self, rgb: np.ndarray, faces: list[dict]) -> list[np.ndarray]:
         """Aligned BGR crops, as `align` writes them and training reads them."""
-        return [align_face(rgb, f["landmarks"], self.size)[:, :, ::-1] for f in faces]
+        spec = self.net.spec
+        return [align_face(rgb, f["landmarks"], spec.size, spec.reference)[:, :, ::-1] for f in faces]
 
-    @torch.no_grad()
     def embed(self, crops: list[np.ndarray]) -> np.ndarray:
-        out = []
-        for i in range(0, len(crops), self.batch_size):
-            x = normalize(torch.stack([to_chw(c) for c in crops[i:i + self.batch_size]]).to(self.device))
-            f = self.net(x).float()
-            if self.flip != "none":
-                g = self.net(x.flip(-1)).float()
-                f = torch.cat([f, g], 1) if self.flip == "concat" else f + g
-            out.append(f.cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.net.feature_dim))
+        out = [embed(self.net, torch.stack([to_chw(c) for c in crops[i:i + self.batch_size]]), self.flip)
+               for i in range(0, len(crops), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, feature_width(self.net, self.flip)))
 
     def photo_face(self, path: str | Path, select: str = "center") -> tuple[np.ndarray, dict, str]:
         """The feature of the one face of a photo, its face record, and a note.
@@ -141,7 +131,7 @@ def _model_key(model: str | Path, embedder: FaceEmbedder) -> str:
     with open(model, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    h.update(json.dumps([embedder.flip, embedder.settings.as_json()]).encode())
+    h.update(json.dumps([embedder.flip, embedder.settings.as_json(), embedder.net.spec.as_json()]).encode())
     return h.hexdigest()
 
 
@@ -336,7 +326,7 @@ def embed_folder(embedder: FaceEmbedder, root: str | Path, *, aligned: bool = Fa
         if len(batch) == embedder.batch_size:
             flush()
     flush()
-    width = embedder.net.feature_dim * (2 if embedder.flip == "concat" else 1)
+    width = feature_width(embedder.net, embedder.flip)
     return names, (np.concatenate(feats) if feats else np.zeros((0, width))), notes
 
 

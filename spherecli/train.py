@@ -25,9 +25,10 @@ from torch import nn
 
 from spherecli import UserError, __version__
 from spherecli.config import TrainConfig, to_toml
-from spherecli.data import EpochBatches, batches, check_images, load_face, normalize
-from spherecli.formats import (read_list, save_checkpoint, load_checkpoint, CHECKPOINT_FORMAT,
-                               MODEL_FORMAT)
+from spherecli.data import EpochBatches, batches, check_images, load_face
+from spherecli.features import prepare
+from spherecli.formats import (CHECKPOINT_FORMAT, InputSpec, ModelFile, load_checkpoint, read_list,
+                               save_checkpoint)
 from spherecli.losses import create_head
 from spherecli.models import autocast_dtype, create_model
 
@@ -111,9 +112,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     items, missing = check_images(read_list(cfg.list, cfg.root), cfg.list, cfg.skip_missing)
     num_classes = max(label for _, label in items) + 1
     input_size = load_face(items[0][0]).shape[:2]
+    spec = InputSpec(size=input_size)
     torch.manual_seed(cfg.seed)
-    backbone = create_model(cfg.arch, input_size, cfg.feature_dim)
-    head = create_head(cfg.head, cfg.feature_dim, num_classes,
+    backbone = create_model(cfg.arch, input_size=input_size,
+                            **({"feature_dim": cfg.feature_dim} if cfg.feature_dim else {}))
+    head = create_head(cfg.head, backbone.feature_dim, num_classes,
                        m=cfg.margin,
                        s=cfg.scale, base=cfg.lambda_base, gamma=cfg.lambda_gamma,
                        power=cfg.lambda_power, lambda_min=cfg.lambda_min, hold=cfg.lambda_hold,
@@ -137,9 +140,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         start = state["iteration"]
     elif cfg.init_from:
-        state = load_checkpoint(cfg.init_from)
         try:
-            trainee.backbone.load_state_dict(state["model"])
+            trainee.backbone.load_state_dict(ModelFile.load(cfg.init_from).weights)
         except RuntimeError as e:
             raise UserError(f"--init-from {cfg.init_from}: its network does not match "
                             f"{cfg.arch} at {input_size}: {str(e).splitlines()[0]}") from None
@@ -154,8 +156,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     # A finished run that is resumed only re-exports its model: no data to load.
     data = (batches(items, sampler, cfg.workers, cfg.cache, pin=device.type == "cuda")
             if start < cfg.max_iter else iter(()))
-    meta = {"arch": cfg.arch, "input_size": list(input_size), "feature_dim": cfg.feature_dim,
-            "head_name": cfg.head, "num_classes": num_classes, "config": asdict(cfg),
+    model_file = ModelFile(cfg.arch, backbone.model_args, {}, spec, {"config": asdict(cfg)})
+    meta = {**model_file.header(), "head_name": cfg.head, "num_classes": num_classes,
             "tool": f"spherecli {__version__}"}
 
     def checkpoint(it: int) -> None:
@@ -190,7 +192,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_mult"]
             x, y = next(data)
-            x = normalize(x.to(device, non_blocking=True))
+            x = prepare(x, spec, device)
             y = y.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -246,8 +248,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     if main:
-        save_checkpoint(out / "model.pt", {"format": MODEL_FORMAT, **meta,
-                                           "iteration": cfg.max_iter, "model": backbone.state_dict()})
+        model_file.weights = backbone.state_dict()
+        model_file.save(out / "model.pt")
         return log.summary
     return {}
 

@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SPHERECLI_DATA", ROOT.parent / "shared" / "data"))
+MODELS = Path(os.environ.get("SPHERECLI_MODELS", ROOT.parent / "shared" / "models"))
 
 
 def need(path: Path) -> Path:

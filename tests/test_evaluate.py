@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from spherecli import UserError
-from spherecli.evaluate import (THRESHOLDS, accuracy, best_threshold, evaluate, extract,
-                                read_pairs, roc, verification)
-from spherecli.models import create_model, load_model
+from spherecli.evaluate import (THRESHOLDS, accuracy, best_threshold, evaluate, read_pairs, roc,
+                                verification)
+from spherecli.features import extract, load_network
+from spherecli.models import create_model
 
 from conftest import copy_images
 
@@ -166,9 +167,8 @@ def test_end_to_end_on_real_lfw_pairs(lfw_subset, tmp_path):
 
 def test_bf16_features_stay_close_to_fp32(lfw_subset, tmp_path):
     paths = sorted(str(p) for p in (lfw_subset / "aligned").glob("*/*.jpg"))[:32]
-    model, _ = load_model(lfw_subset / "model.pt")
-    full = extract(model, paths, workers=0, progress=False)
-    half = extract(model, paths, amp="bf16", workers=0, progress=False)
+    full = extract(load_network(lfw_subset / "model.pt"), paths, workers=0, progress=False)
+    half = extract(load_network(lfw_subset / "model.pt", amp="bf16"), paths, workers=0, progress=False)
     assert not np.array_equal(full, half)  # the network did run in bf16
     cosine = np.sum(full * half, 1) / (np.linalg.norm(full, axis=1) * np.linalg.norm(half, axis=1))
     assert cosine.min() > 0.99

@@ -3,15 +3,32 @@ import math
 import pytest
 import torch
 
-from spherecli.models import ARCHS, count_parameters, create_model
+from spherecli.models import count_parameters, create_model
+from spherecli.registry import NETWORKS
 from spherecli.train import param_groups
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_feature_shape(arch):
+@pytest.mark.parametrize("arch", NETWORKS.names)
+def test_feature_shape_and_rebuild_from_model_args(arch):
     model = create_model(arch)
-    assert model(torch.zeros(2, 3, 112, 96)).shape == (2, 512)
-    assert model.fc5.in_features == 512 * 7 * 6 == 21504
+    x = torch.zeros(2, 3, 112, 96)
+    assert model(x).shape == (2, model.feature_dim)
+    assert model.forward_features(x).shape[-2:] == (7, 6)
+    again = create_model(arch, **model.model_args)
+    assert again.state_dict().keys() == model.state_dict().keys()
+    square = create_model(arch, input_size=(112, 112), feature_dim=64)
+    assert square(torch.zeros(2, 3, 112, 112)).shape == (2, 64)
+
+
+def test_sphereface_embedding_layer():
+    assert create_model("sphere20").fc5.in_features == 512 * 7 * 6 == 21504
+
+
+def test_mobilefacenet_size():
+    # The paper: 0.99 M parameters, a 128-d feature from a 7x6 global depthwise filter.
+    model = create_model("mobilefacenet")
+    assert count_parameters(model) == pytest.approx(0.99e6, rel=0.01)
+    assert model.linear7.conv.kernel_size == (7, 6) and model.feature_dim == 128
 
 
 def test_parameter_counts():
@@ -22,7 +39,7 @@ def test_parameter_counts():
     units = sum(n * 2 * (9 * c * c + c) for n, c in zip((1, 2, 4, 1), (64, 128, 256, 512)))
     stages = sum(9 * cin * c + c + c for cin, c in zip((3, 64, 128, 256), (64, 128, 256, 512)))
     assert count_parameters(create_model("sphere20")) == fc5 + units + stages
-    assert create_model("sphere20", (112, 112)).fc5.in_features == 512 * 7 * 7
+    assert create_model("sphere20", input_size=(112, 112)).fc5.in_features == 512 * 7 * 7
 
 
 def test_original_initialisation():

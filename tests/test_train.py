@@ -43,7 +43,10 @@ def test_short_real_training_run_lowers_the_loss(celeba_list, tmp_path, head):
         assert rows[-1]["lambda"] < rows[0]["lambda"]
     # Both files load without unpickling arbitrary objects.
     model = torch.load(tmp_path / head / "model.pt", weights_only=True)
-    assert (model["format"], model["arch"], model["input_size"]) == ("spherecli.model", "sphere4", [112, 96])
+    assert (model["format"], model["arch"]) == ("spherecli.model", "sphere4")
+    assert model["model_args"] == {"input_size": [112, 96], "feature_dim": 512}
+    assert model["input"] == {"size": [112, 96], "reference": "sphereface", "channels": "bgr",
+                              "mean": 127.5, "std": 128.0}
     ckpt = torch.load(tmp_path / head / "checkpoint.pt", weights_only=True)
     assert ckpt["iteration"] == 60 and "optimizer" in ckpt and "head" in ckpt
     saved = load_config(tmp_path / head / "config.toml")

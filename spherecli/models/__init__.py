@@ -1,4 +1,11 @@
-"""Face feature networks by name. To add a family, add a module and its builders here."""
+"""Face feature networks by name, from the registry (spherecli/registry.py).
+
+A family is a module of its own that defines its networks and registers each
+builder with `@NETWORKS.register`; its names are declared in the registry.
+Every network has `forward_features` (the convolutional body), `forward_head`
+(body -> feature vector), `feature_dim` and `model_args` (the keyword
+arguments that rebuild it, stored in model files).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,15 @@ import torch
 from torch import nn
 
 from spherecli import UserError
-from spherecli.formats import load_checkpoint
-from spherecli.models.sphereface import sphere4, sphere10, sphere20, sphere36, sphere64
-
-ARCHS = {f.__name__: f for f in (sphere4, sphere10, sphere20, sphere36, sphere64)}
+from spherecli.formats import ModelFile
+from spherecli.registry import NETWORKS
 
 
-def create_model(arch: str, input_size=(112, 96), feature_dim: int = 512) -> nn.Module:
-    if arch not in ARCHS:
-        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    return ARCHS[arch](input_size=tuple(input_size), feature_dim=feature_dim)
+def create_model(arch: str, **model_args) -> nn.Module:
+    try:
+        return NETWORKS.get(arch)(**model_args)
+    except TypeError as e:
+        raise UserError(f"{arch} does not take these settings: {e}") from None
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -31,14 +37,20 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_model(path, arch: str | None = None) -> tuple[nn.Module, dict]:
-    """The feature network of a checkpoint or model file, in eval mode, and the file's contents."""
-    state = load_checkpoint(path)
-    if arch and arch != state["arch"]:
-        raise UserError(f"{path} holds a {state['arch']} network, not {arch}")
-    model = create_model(state["arch"], state["input_size"], state["feature_dim"])
+def build_from(file: ModelFile, where: str | None = None) -> nn.Module:
+    """The network of a model file, with its weights, in eval mode."""
+    model = create_model(file.arch, **file.model_args)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(file.weights)
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not fit {state['arch']}: {str(e).splitlines()[0]}") from None
-    return model.eval(), state
+        raise UserError(f"{where or 'model file'}: weights do not fit {file.arch}: "
+                        f"{str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def load_model(path, arch: str | None = None) -> tuple[nn.Module, ModelFile]:
+    """The feature network of a checkpoint or model file, in eval mode, and the file."""
+    file = ModelFile.load(path)
+    if arch and arch != file.arch:
+        raise UserError(f"{path} holds a {file.arch} network, not {arch}")
+    return build_from(file, str(path)), file

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from spherecli.registry import NETWORKS
+
 CHANNELS = (64, 128, 256, 512)
 UNITS = {4: (0, 0, 0, 0), 10: (0, 1, 2, 0), 20: (1, 2, 4, 1), 36: (2, 4, 8, 2), 64: (3, 8, 16, 3)}
 
@@ -30,28 +32,34 @@ def caffe_xavier_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class Residual(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, bias: bool = False):
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=bias)
         self.prelu1 = nn.PReLU(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=bias)
         self.prelu2 = nn.PReLU(channels)
         for conv in (self.conv1, self.conv2):
             nn.init.normal_(conv.weight, std=0.01)
+            if bias:
+                nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         return x + self.prelu2(self.conv2(self.prelu1(self.conv1(x))))
 
 
 class SphereNet(nn.Module):
-    def __init__(self, units=(1, 2, 4, 1), input_size=(112, 96), feature_dim: int = 512):
+    """residual_bias gives the residual convolutions a bias: the original fixes
+    theirs at zero, but PyTorch ports (clcarwin's sphere20a) trained them."""
+
+    def __init__(self, units=(1, 2, 4, 1), input_size=(112, 96), feature_dim: int = 512,
+                 residual_bias: bool = False):
         super().__init__()
         layers, cin = [], 3
         for cout, n in zip(CHANNELS, units):
             conv = nn.Conv2d(cin, cout, 3, 2, 1, bias=True)
             caffe_xavier_(conv.weight)
             nn.init.zeros_(conv.bias)
-            layers += [conv, nn.PReLU(cout)] + [Residual(cout) for _ in range(n)]
+            layers += [conv, nn.PReLU(cout)] + [Residual(cout, residual_bias) for _ in range(n)]
             cin = cout
         self.features = nn.Sequential(*layers)
         h, w = input_size
@@ -60,19 +68,46 @@ class SphereNet(nn.Module):
         self.fc5 = nn.Linear(cin * h * w, feature_dim)
         caffe_xavier_(self.fc5.weight)
         nn.init.zeros_(self.fc5.bias)
-        self.input_size = tuple(input_size)
+        self.model_args = {"input_size": [int(v) for v in input_size], "feature_dim": feature_dim}
+        if residual_bias:
+            self.model_args["residual_bias"] = True
         self.feature_dim = feature_dim
 
+    def forward_features(self, x):
+        return self.features(x)
+
+    def forward_head(self, x):
+        return self.fc5(torch.flatten(x, 1))
+
     def forward(self, x):
-        return self.fc5(torch.flatten(self.features(x), 1))
+        return self.forward_head(self.forward_features(x))
 
 
-def _builder(depth: int):
-    def build(input_size=(112, 96), feature_dim: int = 512) -> SphereNet:
-        return SphereNet(UNITS[depth], input_size, feature_dim)
-    build.__name__ = f"sphere{depth}"
-    build.__doc__ = f"SphereFace-{depth}: residual units per stage {UNITS[depth]}."
-    return build
+@NETWORKS.register
+def sphere4(**kw) -> SphereNet:
+    """SphereFace-4: four stride-2 convolutions, no residual units."""
+    return SphereNet(UNITS[4], **kw)
 
 
-sphere4, sphere10, sphere20, sphere36, sphere64 = (_builder(d) for d in UNITS)
+@NETWORKS.register
+def sphere10(**kw) -> SphereNet:
+    """SphereFace-10."""
+    return SphereNet(UNITS[10], **kw)
+
+
+@NETWORKS.register
+def sphere20(**kw) -> SphereNet:
+    """SphereFace-20, the released model's network."""
+    return SphereNet(UNITS[20], **kw)
+
+
+@NETWORKS.register
+def sphere36(**kw) -> SphereNet:
+    """SphereFace-36."""
+    return SphereNet(UNITS[36], **kw)
+
+
+@NETWORKS.register
+def sphere64(**kw) -> SphereNet:
+    """SphereFace-64, the network of the paper's margin table."""
+    return SphereNet(UNITS[64], **kw)

@@ -1,0 +1,72 @@
+"""Everything a user chooses by name, each name typed once: here.
+
+Torch-free, so that `sphereface --help`, click's choices and config
+validation stay instant. Networks and heads register their builders from
+their own modules with `@NETWORKS.register` (timm's `@register_model`);
+this module only knows which module defines each name, and imports it on
+first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from spherecli import UserError
+
+
+class Registry:
+    """Names of one kind of thing, the module that defines each, and their builders."""
+
+    def __init__(self, what: str, modules: dict[str, str]):
+        self.what, self.modules, self.builders = what, modules, {}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.modules)
+
+    def register(self, fn):
+        """Decorator: the builder's own name is its registered name."""
+        if self.modules.get(fn.__name__) != fn.__module__:
+            raise RuntimeError(f"{fn.__module__}.{fn.__name__}: declare {fn.__name__!r} in "
+                               f"spherecli/registry.py's {self.what} table first")
+        self.builders[fn.__name__] = fn
+        return fn
+
+    def get(self, name: str):
+        if name not in self.modules:
+            raise UserError(f"unknown {self.what} {name!r}; choose one of {', '.join(self.modules)}")
+        if name not in self.builders:
+            importlib.import_module(self.modules[name])
+        return self.builders[name]
+
+    def all(self) -> dict:
+        return {name: self.get(name) for name in self.modules}
+
+
+NETWORKS = Registry("network", {
+    "sphere4": "spherecli.models.sphereface",
+    "sphere10": "spherecli.models.sphereface",
+    "sphere20": "spherecli.models.sphereface",
+    "sphere36": "spherecli.models.sphereface",
+    "sphere64": "spherecli.models.sphereface",
+    "mobilefacenet": "spherecli.models.mobilefacenet",
+})
+
+# Where the five landmarks are put in an aligned crop: (height, width) and the
+# (x, y) points in Matlab's convention, where the first pixel's centre is
+# (1, 1), as MTCNN's landmarks are.
+REFERENCES = {
+    # SphereFace's reference points (the original release's alignment code).
+    "sphereface": ((112, 96), ((30.2946, 51.6963), (65.5318, 51.5014), (48.0252, 71.7366),
+                               (33.5493, 92.3655), (62.7299, 92.2041))),
+    # insightface's arcface_dst, given with the first pixel's centre at (0, 0),
+    # hence +1: SphereFace's points moved 8 px right on a square crop, minus one
+    # pixel of convention.
+    "arcface": ((112, 112), ((39.2946, 52.6963), (74.5318, 52.5014), (57.0252, 72.7366),
+                             (42.5493, 93.3655), (71.7299, 93.2041))),
+}
+
+CHANNEL_ORDERS = ("bgr", "rgb")
+
+# What `sphereface import` converts (spherecli/convert.py).
+IMPORT_FORMATS = ("caffe", "sphere20a", "mobilefacenet")
