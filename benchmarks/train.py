@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader
 from common import machine, sample_tree
 from spherecli.align import align_manifests
 from spherecli.config import TrainConfig
-from spherecli.data import FaceList, normalize
+from spherecli.data import FaceList
 from spherecli.detect import detect_tree
-from spherecli.formats import read_list
+from spherecli.features import prepare
+from spherecli.formats import InputSpec, read_list
 from spherecli.lists import build_list
 from spherecli.losses import create_head
 from spherecli.models import autocast_dtype, create_model
@@ -42,7 +43,8 @@ def aligned_list(n: int) -> Path:
 
 def plain_loop(items, arch, batch, iters, device) -> float:
     classes = max(label for _, label in items) + 1
-    model, head = create_model(arch).to(device), create_head("asoftmax", 512, classes).to(device)
+    model = create_model(arch).to(device)
+    head = create_head("asoftmax", model.feature_dim, classes).to(device)
     opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.01, momentum=0.9)
     keys = [(i % len(items), False) for i in range(batch * iters)]
     loader = DataLoader(FaceList(items), batch_size=batch, sampler=keys, num_workers=2)
@@ -52,7 +54,7 @@ def plain_loop(items, arch, batch, iters, device) -> float:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        x, y = normalize(x.to(device)), y.to(device)
+        x, y = prepare(x, InputSpec(), device), y.to(device)
         loss = F.cross_entropy(head(model(x), y), y)
         opt.zero_grad()
         loss.backward()
@@ -79,7 +81,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--archs", default="sphere4,sphere20")
+    ap.add_argument("--archs", default="sphere4,sphere20,mobilefacenet")
     args = ap.parse_args()
     print(f"machine: {machine()}\n")
     list_path = aligned_list(600)
@@ -91,7 +93,7 @@ def main():
     for device in devices:
         batch = args.batch_size if device.type == "cpu" else 256
         for arch in args.archs.split(","):
-            iters = args.iters if arch == "sphere4" or device.type == "cuda" else max(9, args.iters // 3)
+            iters = args.iters if arch != "sphere20" or device.type == "cuda" else max(9, args.iters // 3)
             base = plain_loop(items, arch, batch, iters, device)
             ours, precision = trainer(list_path, arch, batch, iters, device)
             print(f"| {device.type} | {arch} | {batch} | {base:.1f} | {ours:.1f} | {precision} | "

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from spherecli import UserError, __version__
 from spherecli.config import DEFAULT_THRESHOLD
-from spherecli.registry import IMPORT_FORMATS, REFERENCES
+from spherecli.registry import BORDER_MODES, IMPORT_FORMATS, REFERENCES
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -98,6 +98,10 @@ def cli():
 @click.option("--exif/--no-exif", default=True, help="Apply the EXIF orientation tag.")
 @click.option("--max-side", default=2000,
               help="Downscale larger images for detection; landmarks are mapped back.")
+@click.option("--border", type=click.Choice(BORDER_MODES), default="redetect",
+              help="Faces that fill the frame: detect again on a black-padded copy when a box "
+                   "leaves the frame (redetect), always detect padded (pad), or as the original "
+                   "(none), whose landmarks slide up such faces.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=16, help="Same-sized images per MTCNN call.")
 @click.option("--workers", type=int, help="Detector processes.  [default: cores on CPU, 2 on GPU]")
@@ -105,7 +109,7 @@ def cli():
 @click.option("--strict", is_flag=True, help="Fail (exit 2) at the first unreadable image.")
 @click.option("--retry-errors", is_flag=True, help="Try again images recorded as errors.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def detect(root, output, min_face, factor, thresholds, select, all_faces, exif, max_side, device,
+def detect(root, output, min_face, factor, thresholds, select, all_faces, exif, max_side, border, device,
            batch_size, workers, shard, strict, retry_errors, quiet):
     """Detect faces and landmarks in every image under ROOT.
 
@@ -116,7 +120,7 @@ def detect(root, output, min_face, factor, thresholds, select, all_faces, exif, 
 
     settings = DetectSettings(min_face=min_face, factor=factor, select=select, all_faces=all_faces,
                               thresholds=parse_floats(thresholds, 3, "--thresholds"),
-                              exif=exif, max_side=max_side)
+                              exif=exif, max_side=max_side, border=border)
     output = output or Path(str(root).rstrip("/") + ".landmarks.jsonl")
     summary = detect_tree(root, output, settings, device=device, batch_size=batch_size,
                           workers=workers, shard=parse_shard(shard), strict=strict,

@@ -15,6 +15,7 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -25,8 +26,16 @@ from spherecli.formats import (JsonlAppender, latest_status, manifest_header, ma
                                read_manifest)
 from spherecli.images import decode, describe_error, identity_of, oriented_size, walk_images
 from spherecli.parallel import cpu_count, map_batches
+from spherecli.registry import BORDER_MODES
 
 SELECT_RULES = ("center", "largest", "confident")
+# A face whose box runs past the frame by more than this fraction of the image's
+# side is detected again on a padded copy; the copy gets this fraction of the
+# long side in black on every side.
+BORDER_TRIGGER = 0.05
+BORDER_PAD = 0.25
+# What manifests written before a setting existed meant by it.
+LEGACY_SETTINGS = {"border": "none"}
 
 
 @dataclass
@@ -39,11 +48,14 @@ class DetectSettings:
     all_faces: bool = False
     exif: bool = True
     max_side: int = 2000                    # larger photos are downscaled for detection
+    border: str = "redetect"                # faces reaching past the frame: see FaceDetector.detect
 
     def __post_init__(self):
         self.thresholds = tuple(float(t) for t in self.thresholds)
         if self.select not in SELECT_RULES:
             raise UserError(f"--select must be one of {', '.join(SELECT_RULES)}")
+        if self.border not in BORDER_MODES:
+            raise UserError(f"--border must be one of {', '.join(BORDER_MODES)}")
         if len(self.thresholds) != 3:
             raise UserError("thresholds are three numbers (P-Net, R-Net, O-Net)")
 
@@ -87,7 +99,40 @@ class FaceDetector:
                         setattr(net, name, _ChannelsLastMaxPool(module))
 
     def detect(self, images: list[np.ndarray]) -> list[list[dict]]:
-        """All faces in each of a list of same-sized RGB arrays."""
+        """All faces in each of a list of same-sized RGB arrays.
+
+        MTCNN regresses a face that fills the frame to a box that runs far
+        past the image, and its landmarks slide up the face (eyes on the
+        forehead, the mouth on the nose), or misses it. With border
+        "redetect" an image where a box leaves the frame by more than
+        BORDER_TRIGGER of the side, or where no face was found, is detected
+        again on a copy with a black border of BORDER_PAD of its long side;
+        "pad" detects every image that way; "none" is the original's plain
+        detection. Faces found on a padded copy are marked `padded`, their
+        coordinates those of the original image.
+        """
+        if self.settings.border == "pad":
+            return self._padded(images)
+        found = self._detect(images)
+        if self.settings.border == "redetect":
+            h, w = images[0].shape[:2]
+            redo = [i for i, faces in enumerate(found)
+                    if not faces or any(outside(f["box"], w, h) > BORDER_TRIGGER for f in faces)]
+            for i, faces in zip(redo, self._padded([images[i] for i in redo]) if redo else []):
+                if faces:
+                    found[i] = faces
+        return found
+
+    def _padded(self, images: list[np.ndarray]) -> list[list[dict]]:
+        h, w = images[0].shape[:2]
+        pad = round(BORDER_PAD * max(h, w))
+        copies = [cv2.copyMakeBorder(im, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0) for im in images]
+        return [[{"box": [round(v - pad, 2) for v in f["box"]], "score": f["score"],
+                  "landmarks": [[round(x - pad, 4), round(y - pad, 4)] for x, y in f["landmarks"]],
+                  "padded": True} for f in faces]
+                for faces in self._detect(copies)]
+
+    def _detect(self, images: list[np.ndarray]) -> list[list[dict]]:
         boxes, probs, points = self.mtcnn.detect(images, landmarks=True)
         out = []
         for b, p, pts in zip(boxes, probs, points):
@@ -107,6 +152,12 @@ class FaceDetector:
         return self.detect([image])[0]
 
 
+def outside(box, width: int, height: int) -> float:
+    """How far a box runs past the frame, as a fraction of the image side it crosses."""
+    x1, y1, x2, y2 = box
+    return max(-x1 / width, (x2 - width) / width, -y1 / height, (y2 - height) / height, 0.0)
+
+
 def select_face(faces: list[dict], width: int, height: int, rule: str = "center") -> int:
     """Index of the face to keep when several are found."""
     if rule == "largest":
@@ -122,7 +173,7 @@ def select_face(faces: list[dict], width: int, height: int, rule: str = "center"
 def _scale_face(face: dict, scale: float) -> dict:
     if scale == 1.0:
         return face
-    return {"box": [round(v / scale, 2) for v in face["box"]], "score": face["score"],
+    return {**face, "box": [round(v / scale, 2) for v in face["box"]],
             "landmarks": [[round(x / scale, 4), round(y / scale, 4)] for x, y in face["landmarks"]]}
 
 
@@ -236,11 +287,16 @@ def _resume_state(manifest: Path, header: dict, retry_errors: bool) -> set[str]:
     if not manifest.exists() or manifest.stat().st_size == 0:
         return set()
     old, _ = read_manifest(manifest)
-    for key in ("root", "settings"):
-        if old.get(key) != header.get(key):
-            raise UserError(f"{manifest} was written with a different {key} "
-                            f"({old.get(key)} vs {header.get(key)}); "
-                            "use another output file to detect with new settings")
+    if old.get("root") != header["root"]:
+        raise UserError(f"{manifest} was written for another folder ({old.get('root')}); "
+                        "use another output file")
+    before = {**LEGACY_SETTINGS, **old.get("settings", {})}
+    now = header["settings"]
+    changed = [f"{k} {before.get(k)} -> {now.get(k)}" for k in {**before, **now}
+               if before.get(k) != now.get(k)]
+    if changed:
+        raise UserError(f"{manifest} was written with other settings ({'; '.join(changed)}); give the "
+                        "same options to continue it, or another output file to detect anew")
     return {p for p, status in latest_status(manifest).items()
             if not (retry_errors and status == "error")}
 

@@ -70,3 +70,6 @@ CHANNEL_ORDERS = ("bgr", "rgb")
 
 # What `sphereface import` converts (spherecli/convert.py).
 IMPORT_FORMATS = ("caffe", "sphere20a", "mobilefacenet")
+
+# How `detect` treats faces that fill the frame (spherecli/detect.py, FaceDetector.detect).
+BORDER_MODES = ("redetect", "pad", "none")

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from spherecli import UserError
-from spherecli.detect import DetectSettings, detect_tree, select_face
+from spherecli.detect import BORDER_PAD, DetectSettings, FaceDetector, detect_tree, select_face
+from spherecli.images import decode
 from spherecli.formats import read_manifest
 
 from conftest import copy_images
@@ -25,17 +26,23 @@ def records_of(manifest):
     return header, {r["path"]: r for r in records}
 
 
-def direct_mtcnn(path):
-    """facenet-pytorch's MTCNN called the plain way, one image at a time."""
+def direct_mtcnn(path, pad=0):
+    """facenet-pytorch's MTCNN called the plain way, one image at a time; with pad, on
+    the image given a black border of pad pixels, coordinates shifted back."""
     from facenet_pytorch import MTCNN
     settings = DetectSettings()
     mtcnn = MTCNN(min_face_size=settings.min_face, thresholds=list(settings.thresholds),
                   factor=settings.factor, keep_all=True, select_largest=False)
     img = Image.open(path).convert("RGB")
+    size = img.size
+    if pad:
+        padded = Image.new("RGB", (size[0] + 2 * pad, size[1] + 2 * pad))
+        padded.paste(img, (pad, pad))
+        img = padded
     boxes, probs, points = mtcnn.detect(img, landmarks=True)
     if boxes is None:
-        return img.size, None, None, None
-    return img.size, *(np.array(a.tolist(), dtype=float) for a in (boxes, probs, points))
+        return size, None, None, None
+    return size, np.array(boxes.tolist()) - pad, np.array(probs.tolist()), np.array(points.tolist()) - pad
 
 
 def test_lfw_faces_found_with_plausible_landmarks(lfw_sample, tmp_path):
@@ -70,7 +77,9 @@ def test_landmarks_equal_direct_facenet_call(data, tmp_path):
     assert len(recs) == 24
     compared = 0
     for rel, rec in recs.items():
-        size, boxes, probs, points = direct_mtcnn(tree / rel)
+        # Faces that reach past the frame were found on a padded copy: compare with that.
+        pad = round(BORDER_PAD * max(rec["width"], rec["height"])) if rec.get("padded") else 0
+        size, boxes, probs, points = direct_mtcnn(tree / rel, pad)
         if boxes is None:
             assert rec["status"] == "no_face"
             continue
@@ -234,9 +243,54 @@ def test_shards_partition_the_tree(lfw_sample, tmp_path):
 
 def test_resume_with_other_settings_is_refused(lfw_sample, tmp_path):
     detect_tree(lfw_sample, tmp_path / "m.jsonl", shard=(1, 8), progress=False)
-    with pytest.raises(UserError, match="different settings"):
+    with pytest.raises(UserError, match=r"other settings \(factor 0.85 -> 0.7\)"):
         detect_tree(lfw_sample, tmp_path / "m.jsonl", DetectSettings(factor=0.7), shard=(1, 8),
                     progress=False)
+    with pytest.raises(UserError, match=r"shard 1/8 -> None"):
+        detect_tree(lfw_sample, tmp_path / "m.jsonl", progress=False)
+    # A manifest from before border handling meant the original's plain detection.
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["settings"]["border"]
+    (tmp_path / "old.jsonl").write_text("\n".join([json.dumps(header)] + lines[1:]) + "\n")
+    with pytest.raises(UserError, match="border none -> redetect"):
+        detect_tree(lfw_sample, tmp_path / "old.jsonl", shard=(1, 8), progress=False)
+    summary = detect_tree(lfw_sample, tmp_path / "old.jsonl", DetectSettings(border="none"), shard=(1, 8),
+                          progress=False)
+    assert summary["new"] == 0
+
+
+def test_faces_that_fill_the_frame_keep_their_landmarks(data):
+    """Real LFW faces cropped to inside their own box, as CFP's photos and tight
+    crops are. The original's plain detection misses many of them and puts the
+    landmarks of the rest far up the face; detecting again on a padded copy finds
+    them where the whole photo has them."""
+    paths = sorted((data / "lfw").glob("*/*.jpg"))[:400:20]
+    detectors = {mode: FaceDetector(DetectSettings(border=mode)) for mode in ("none", "redetect")}
+    errors = {mode: [] for mode in detectors}
+    padded = 0
+    for path in paths:
+        rgb, _ = decode(path)
+        faces = detectors["none"].detect_one(rgb)
+        face = faces[select_face(faces, rgb.shape[1], rgb.shape[0])]
+        x1, y1, x2, y2 = face["box"]
+        w, h = x2 - x1, y2 - y1
+        left, top = int(max(0, x1 + 0.1 * w)), int(max(0, y1 + 0.1 * h))
+        crop = np.ascontiguousarray(rgb[top:int(y2 - 0.1 * h), left:int(x2 - 0.1 * w)])
+        for mode, detector in detectors.items():
+            found = detector.detect_one(crop)
+            if not found:
+                errors[mode].append(np.inf)
+                continue
+            best = found[select_face(found, crop.shape[1], crop.shape[0])]
+            moved = np.array(best["landmarks"]) + [left, top] - np.array(face["landmarks"])
+            errors[mode].append(np.abs(moved).max())
+            padded += best.get("padded", False)
+    none, redetect = np.array(errors["none"]), np.array(errors["redetect"])
+    assert np.isinf(none).sum() >= 4, "plain detection misses faces that fill the frame"
+    assert np.median(none) > 15 and np.median(redetect) < 6, (none, redetect)
+    assert np.isinf(redetect).sum() <= 1
+    assert padded >= 0.8 * len(paths), "the faces found again are marked as found on a padded copy"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
