@@ -1,6 +1,7 @@
 # spherecli
 #   make demo       install, then the whole pipeline on the bundled data (../shared/data)
 #   make test       install, then the tests
+#   make published  a published model (MODEL=...) imported and evaluated on the bundled LFW
 #   make reproduce  the paper's recipe on CASIA-WebFace and LFW, on GPUs
 #   make bench      the benchmarks of docs/benchmarks.md
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV   := .venv
 PY     ?= $(VENV)/bin/python
 SF     ?= $(VENV)/bin/sphereface
 
-.PHONY: install test demo identify-demo reproduce bench clean
+.PHONY: install test demo identify-demo published reproduce bench clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +55,29 @@ identify-demo: install
 	@test -f $(RUN)/model.pt || { echo "run 'make demo' first: it trains $(RUN)/model.pt"; exit 1; }
 	$(PY) examples/identify_wild.py --model $(RUN)/model.pt --wild $(DATA)/wild --annotate $(OUT)/identify
 	@echo "annotated photos: $(OUT)/identify/"
+
+# --------------------------------------------------------------------------- a published model
+# A published model through the pipeline on the bundled LFW: imported (a Caffe
+# .caffemodel with IMPORT_ARGS="--prototxt deploy.prototxt", clcarwin's .pth,
+# MobileFaceNet's .ckpt) or, for an ONNX network, taken as it is with its
+# INPUT_SPEC (e.g. insightface, with REFERENCE=arcface).
+MODEL       ?=
+REFERENCE   ?= sphereface
+INPUT_SPEC  ?=
+IMPORT_ARGS ?=
+PUB         := $(OUT)/published/$(basename $(notdir $(MODEL)))
+PUB_MODEL   := $(if $(filter %.onnx,$(MODEL)),$(MODEL),$(PUB).pt)
+PUB_LFW     := $(OUT)/lfw-$(if $(filter arcface,$(REFERENCE)),112X112-arcface,112X96)
+
+published: install
+	@test -f "$(MODEL)" || { echo "usage: make published MODEL=path/to/068.ckpt"; \
+	  echo "  (or a .caffemodel with IMPORT_ARGS=\"--prototxt deploy.prototxt\", a .pth, or an"; \
+	  echo "  .onnx with INPUT_SPEC=insightface REFERENCE=arcface)"; exit 1; }
+	$(SF) detect $(DATA)/lfw -o $(OUT)/lfw.landmarks.jsonl
+	$(SF) align $(OUT)/lfw.landmarks.jsonl -o $(PUB_LFW) --reference $(REFERENCE) --no-face mean
+	$(if $(filter %.onnx,$(MODEL)),,test -f $(PUB).pt || $(SF) import $(MODEL) -o $(PUB).pt $(IMPORT_ARGS))
+	$(SF) evaluate --pairs $(DATA)/pairs.txt --model $(PUB_MODEL) --data $(PUB_LFW) -o $(PUB).lfw.json \
+	  $(if $(INPUT_SPEC),--input-spec $(INPUT_SPEC))
 
 # --------------------------------------------------------------------------- reproduce
 # The original release end to end: SphereFace-20, A-Softmax m=4, 28k iterations

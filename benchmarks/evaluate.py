@@ -43,9 +43,9 @@ def per_pair(net, data: Path, pairs, n: int) -> float:
     return time.perf_counter() - start
 
 
-def timed(fn):
+def timed(fn, *args, **kw):
     start = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kw)
     return out, time.perf_counter() - start
 
 
@@ -75,14 +75,15 @@ def main():
         ModelFile(arch, model.model_args, model.state_dict(), InputSpec()).save(work / f"{arch}.pt")
         export(work / f"{arch}.pt", work / f"{arch}.onnx")
         fp32 = load_network(work / f"{arch}.pt")
-        feats, t_fp32 = timed(lambda: extract(fp32, paths, progress=False))
-        _, t_bf16 = timed(lambda: extract(load_network(work / f"{arch}.pt", amp="bf16"), paths, progress=False))
-        onnx, t_onnx = timed(lambda: extract(load_network(work / f"{arch}.onnx"), paths, progress=False))
-        _, t_score = timed(lambda: evaluate_features(feats, {n: i for i, n in enumerate(names)}, pairs))
+        feats, t_fp32 = timed(extract, fp32, paths, progress=False)
+        _, t_bf16 = timed(extract, load_network(work / f"{arch}.pt", amp="bf16"), paths, progress=False)
+        onnx, t_onnx = timed(extract, load_network(work / f"{arch}.onnx"), paths, progress=False)
+        _, t_score = timed(evaluate_features, feats, {n: i for i, n in enumerate(names)}, pairs)
         base = per_pair(fp32, data, pairs, args.baseline_pairs) * len(pairs.same) / args.baseline_pairs
         total = t_fp32 + t_score
         print(f"| {arch} | {t_fp32:.1f} | {t_bf16:.1f} | {t_onnx:.1f} | {np.abs(onnx - feats).max():.1e} | "
-              f"{t_score:.2f} | {base:.0f} (timed on {args.baseline_pairs}) | {base / total:.1f}x |", flush=True)
+              f"{t_score:.2f} | {base:.0f} (timed on {args.baseline_pairs}) | {base / total:.1f}x |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -147,10 +147,13 @@ def evaluate_features(features: np.ndarray, index: dict[str, int], pairs: Pairs,
 
 def calibrate(left: np.ndarray, right: np.ndarray, same: np.ndarray, mean_subtract: bool) -> dict:
     """What `verify` and `identify` need to score new faces like this protocol does:
-    the mean feature over all pairs and the best threshold on all pairs scored with it."""
+    the mean feature over all pairs, the best threshold on all pairs scored with it, and
+    the different-person scores, from which a threshold's false-accept rate follows."""
     mu = np.nanmean(np.concatenate([left, right]), axis=0) if mean_subtract else None
     scores = np.sum(unit(left, mu) * unit(right, mu), axis=1)
-    return {"mean": None if mu is None else mu.tolist(), "threshold": best_threshold(scores, same)}
+    impostors = np.sort(scores[~same & ~np.isnan(scores)])
+    return {"mean": None if mu is None else mu.tolist(), "threshold": best_threshold(scores, same),
+            "impostors": [round(float(v), 6) for v in impostors]}
 
 
 def distinct_images(pairs: Pairs) -> list[str]:

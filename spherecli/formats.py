@@ -224,6 +224,10 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     torch.save(state, tmp)
     os.replace(tmp, path)
 

@@ -60,3 +60,19 @@ def test_missing_data_says_what_to_get(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode != 0
     assert "make reproduce" in r.stdout and "not there" in r.stdout
+
+
+def test_make_published_imports_and_evaluates(standin, tmp_path):
+    """A MobileFaceNet checkpoint in the published layout (random weights) through
+    `make published`: imported once, evaluated on the stand-in LFW."""
+    import torch
+
+    from spherecli.models import create_model
+
+    net = create_model("mobilefacenet")
+    torch.save({"iters": 68, "net_state_dict": net.state_dict()}, tmp_path / "068.ckpt")
+    args = ["published", f"MODEL={tmp_path / '068.ckpt'}", f"DATA={standin}", f"OUT={tmp_path / 'out'}"]
+    subprocess.run(MAKE + args, check=True, capture_output=True)
+    result = json.loads((tmp_path / "out" / "published" / "068.lfw.json").read_text())
+    assert len(result["folds"]) == 2 and result["missing"] == 0
+    assert result["model"].endswith("published/068.pt")

@@ -173,3 +173,20 @@ def test_angular_fisher_score_known_value():
     assert angular_fisher_score(tight, labels) < angular_fisher_score(loose, labels)
     exact = angular_fisher_score(np.repeat(centres, 3, 0), np.repeat(np.arange(5), 3))
     assert exact == pytest.approx(0, abs=1e-12)
+
+
+def test_threshold_by_false_accept_rate(tmp_path):
+    impostors = np.arange(1, 11) / 10.0            # ten different-person scores 0.1 .. 1.0
+    path = tmp_path / "m.lfw.json"
+    path.write_text(json.dumps({"calibration": {"mean": None, "threshold": 0.35, "flip": "concat",
+                                                "impostors": impostors.tolist()}}))
+    cal = Calibration.load(tmp_path / "m.pt")
+    assert cal.threshold == 0.35 and cal.far_of(0.35) == pytest.approx(0.7)
+    one_in_ten = cal.threshold_at_far(0.1)
+    assert 0.9 < one_in_ten < 0.9 + 1e-9 and cal.far_of(one_in_ten) == pytest.approx(0.1)
+    assert cal.far_of(cal.threshold_at_far(0.0)) == 0.0 and cal.threshold_at_far(0.0) > 1.0
+    at_far = Calibration.load(tmp_path / "m.pt", far=0.25)
+    assert at_far.far_of(at_far.threshold) == pytest.approx(0.2) and "FAR 0.25" in at_far.source
+    path.write_text(json.dumps({"calibration": {"mean": None, "threshold": 0.3, "flip": "concat"}}))
+    with pytest.raises(UserError, match="run `sphereface evaluate` again"):
+        Calibration.load(tmp_path / "m.pt", far=1e-3)
