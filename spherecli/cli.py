@@ -11,7 +11,8 @@ from rich.table import Table
 
 from spherecli import UserError, __version__
 from spherecli.config import DEFAULT_THRESHOLD
-from spherecli.registry import BORDER_MODES, IMPORT_FORMATS, REFERENCES
+from spherecli.registry import (AMP_MODES, BORDER_MODES, FLIP_MODES, IMPORT_FORMATS, LFW_PATTERN, REFERENCES,
+                                SELECT_RULES)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -92,7 +93,7 @@ def cli():
 @click.option("--min-face", default=20, help="Smallest face searched for, in pixels (original: 20).")
 @click.option("--factor", default=0.85, help="Image pyramid scale factor (original: 0.85).")
 @click.option("--thresholds", default="0.6,0.7,0.9", help="P-Net,R-Net,O-Net score thresholds.")
-@click.option("--select", type=click.Choice(["center", "largest", "confident"]), default="center",
+@click.option("--select", type=click.Choice(SELECT_RULES), default="center",
               help="Which face to keep when several are found (original: center).")
 @click.option("--all-faces", is_flag=True, help="Also record every face found, under 'all'.")
 @click.option("--exif/--no-exif", default=True, help="Apply the EXIF orientation tag.")
@@ -211,12 +212,19 @@ def list_(aligned_dirs, output, exclude, min_images, relative):
 # --------------------------------------------------------------------------- train
 
 def config_options(fn):
-    """One option per TrainConfig field, so the CLI and the TOML file speak the same names."""
+    """One option per TrainConfig field and head setting, so the CLI and the TOML file speak
+    the same names."""
     from dataclasses import fields
 
-    from spherecli.config import CHOICES, TrainConfig, field_type
+    from spherecli.config import CHOICES, HEAD_SETTINGS, TrainConfig, field_type
 
+    for name, (kind, text) in reversed(HEAD_SETTINGS.items()):
+        flag = "--" + name.replace("_", "-")
+        fn = click.option(flag, name, type=click.Choice(kind) if isinstance(kind, tuple) else kind,
+                          help=text)(fn)
     for f in reversed(fields(TrainConfig)):
+        if f.name == "head_args":
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
         if isinstance(default, bool):
@@ -262,9 +270,16 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
     from spherecli.config import resolve
     from spherecli.train import launch
 
+    from spherecli.config import HEAD_SETTINGS
+
     # Only what was typed overrides the config file and a resumed run's settings.
     typed = {k: v for k, v in values.items()
              if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    head = {k: typed.pop(k) for k in list(typed) if k in HEAD_SETTINGS}
+    if "head" in typed:
+        head["type"] = typed.pop("head")
+    if head:
+        typed["head"] = head
     cfg, resuming = resolve(config_file, typed, resume)
     summary = launch(cfg, resuming, progress=not quiet)
     if summary:  # under torchrun only rank 0 reports
@@ -285,9 +300,9 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
               help="Evaluate features saved by --save-features instead of a model.")
 @click.option("--save-features", type=click.Path(dir_okay=False),
               help="Write image names and features to this .npz.")
-@click.option("--pattern", default="{name}/{name}_{num:04d}.jpg",
+@click.option("--pattern", default=LFW_PATTERN,
               help="Image path of (name, number) under --data.")
-@click.option("--flip", type=click.Choice(["concat", "sum", "none"]), default="concat",
+@click.option("--flip", type=click.Choice(FLIP_MODES), default="concat",
               help="Feature of an image and its mirror: concatenated (original), summed, or no mirror.")
 @click.option("--mean-subtract/--no-mean-subtract", default=True,
               help="Subtract the other folds' mean feature before the cosine (original: yes).")
@@ -300,7 +315,7 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
 @click.option("--scores", type=click.Path(dir_okay=False),
               help="Also write every pair's held-out score into this CSV.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
-@click.option("--amp", type=click.Choice(["none", "bf16", "fp16", "auto"]), default="none",
+@click.option("--amp", type=click.Choice(AMP_MODES), default="none",
               help="Extract in reduced precision: faster, LFW within 0.1 points "
                    "(docs/benchmarks.md); none is fp32, as the original.")
 @click.option("--batch-size", default=128, help="Images per forward pass.")
@@ -336,12 +351,9 @@ def evaluate(pairs, model, data, features, save_features, pattern, flip, mean_su
     output = output or str(Path(model or features).with_suffix("")) + ".lfw.json"
     Path(output).write_text(json.dumps(json_ready(result), indent=1) + "\n")
     if roc:
-        from spherecli.plot import line_chart
+        from spherecli.plot import roc_chart
 
-        curve = result["roc"]
-        keep = curve["far"] > 0
-        line_chart(roc, {f"AUC {result['roc_auc']:.4f}": (curve["far"][keep], curve["tar"][keep])},
-                   title="ROC", xlabel="false accept rate", ylabel="true accept rate", logx=True)
+        roc_chart(roc, {f"AUC {result['roc_auc']:.4f}": (result["roc"]["far"], result["roc"]["tar"])})
     if scores:
         from spherecli.evaluate import read_pairs
 
@@ -359,7 +371,7 @@ def model_options(fn):
     """What every command that runs a model on photos takes."""
     fn = input_spec_option(fn)
     fn = click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")(fn)
-    fn = click.option("--select", type=click.Choice(["center", "largest", "confident"]),
+    fn = click.option("--select", type=click.Choice(SELECT_RULES),
                       default="center", help="Which face of a photo with several (as in detect).")(fn)
     fn = click.option("--model", type=click.Path(dir_okay=False, exists=True), required=True,
                       help="model.pt (or checkpoint.pt) from `sphereface train` or `sphereface "
@@ -462,7 +474,7 @@ def identify(gallery, probe, model, select, device, input_spec, calibration, thr
               help="The .npz to write: names (paths under ROOT) and features.")
 @model_options
 @click.option("--aligned", is_flag=True, help="The images are aligned crops already: no detection.")
-@click.option("--flip", type=click.Choice(["concat", "sum", "none"]), default="concat",
+@click.option("--flip", type=click.Choice(FLIP_MODES), default="concat",
               help="Add the mirror image's feature (as evaluate does).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def embed(root, output, model, select, device, input_spec, aligned, flip, quiet):
@@ -507,7 +519,7 @@ def export(model, output, check_dir, opset):
               help="model.pt from `sphereface train` or `sphereface import`, or an ONNX network.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
 @input_spec_option
-@click.option("--flip", type=click.Choice(["concat", "sum", "none"]), default="none",
+@click.option("--flip", type=click.Choice(FLIP_MODES), default="none",
               help="Feature of each image: alone (default), or with its mirror's.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def afs(aligned_dir, model, device, input_spec, flip, quiet):
@@ -560,7 +572,7 @@ def report(runs, plot, key, as_json):
     """Compare training runs: final loss, accuracy, speed, LFW (when evaluated), curves."""
     import json
 
-    from spherecli.report import plot as draw, summarize
+    from spherecli.report import curves, summarize
 
     rows = [summarize(r) for r in runs]
     if as_json:
@@ -569,15 +581,20 @@ def report(runs, plot, key, as_json):
     else:
         table = Table("run", "arch", "head", "m", "iters", "min", "img/s", "loss", "train acc",
                       "|x|", "LFW")
+
+        def num(v, form):
+            return "" if v is None else form.format(v)
         for r in rows:
             lfw = f"{100 * r['lfw_mean']:.2f} +- {100 * r['lfw_std']:.2f}" if "lfw_mean" in r else ""
-            margin = f"{r['margin']:g}" if r["margin"] else ""
-            table.add_row(r["run"], r["arch"], r["head"], margin, str(r["iterations"]),
-                          str(r["wall_min"]), str(r["images_per_s"]), f"{r['final_loss']:.3f}",
-                          f"{100 * r['train_acc']:.1f}%", f"{r['feature_norm']:.1f}", lfw)
+            table.add_row(r["run"], r["arch"] or "", r["head"] or "", num(r["margin"], "{:g}"),
+                          str(r["iterations"]), str(r["wall_min"]), num(r["images_per_s"], "{}"),
+                          num(r["final_loss"], "{:.3f}"), num(r["train_acc"], "{:.1%}"),
+                          num(r["feature_norm"], "{:.1f}"), lfw)
         stdout().print(table)
     if plot:
-        draw(runs, plot, key)
+        from spherecli.plot import line_chart
+
+        line_chart(plot, curves(runs, key), title=key, xlabel="iteration", ylabel=key)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from spherecli import UserError
-from spherecli.registry import NETWORKS
+from spherecli.registry import A_SOFTMAX_BACKWARD, AMP_MODES, HEADS, NETWORKS, STALL_ACTIONS
 
 
 def opt(default, help: str):
@@ -38,23 +38,12 @@ class TrainConfig:
                              "~32 KB per 112x96 image).")
     workers: int = opt(4, "DataLoader worker processes per training process.")
     # network
-    arch: str = opt("sphere20", "Network (`--list-archs` describes them).")
+    arch: str = opt("sphere20", "Network: " + ", ".join(NETWORKS.names) + " (`--list-archs`).")
     feature_dim: int | None = opt(None, "Face feature size [default: the network's own: 512 for "
                                         "SphereFace, 128 for MobileFaceNet].")
-    # head
-    head: str = opt("asoftmax", "Margin head: asoftmax, softmax, cosface, arcface.")
-    margin: float | None = opt(None, "Margin m [default: A-Softmax 4, CosFace 0.35, ArcFace 0.5].")
-    scale: float | None = opt(None, "Feature scale s [default: CosFace/ArcFace 64; A-Softmax "
-                                    "none, i.e. |x|; a value gives feature-normalised A-Softmax].")
-    lambda_base: float = opt(1000.0, "A-Softmax lambda = max(lambda_min, base (1 + gamma t)^-power).")
-    lambda_gamma: float = opt(0.12, "A-Softmax lambda decay gamma.")
-    lambda_power: float = opt(1.0, "A-Softmax lambda decay power.")
-    lambda_min: float = opt(5.0, "A-Softmax lambda floor.")
-    lambda_hold: int = opt(0, "Keep lambda at its base for this many iterations before the "
-                              "decay starts (0: the original).")
-    backward: str = opt("exact", "A-Softmax gradient: exact (autograd) or original (the Caffe "
-                                 "layer's normalised gradient, which diverged on CelebA; "
-                                 "docs/training.md).")
+    # head: its type, and its own settings (the [head] table of a TOML file; HEAD_SETTINGS)
+    head: str = opt("asoftmax", "Margin head: " + ", ".join(HEADS.names) + ".")
+    head_args: dict = field(default_factory=dict, metadata={"help": "The head's settings."})
     # solver
     batch_size: int = opt(256, "Images per process and iteration (Caffe: 256 per GPU).")
     lr: float = opt(0.1, "Base learning rate.")
@@ -73,8 +62,8 @@ class TrainConfig:
     gpus: str | None = opt(None, "GPU ids, e.g. 0,1: one DDP process per GPU.")
     nproc: int = opt(1, "Processes on this machine when --gpus is not given (CPU: gloo).")
     amp: str = opt("auto", "Mixed precision: auto (bf16 where the hardware runs it fast: "
-                           "CUDA with native bf16, CPUs with AMX), none (fp32, the original), "
-                           "bf16, or fp16 (with loss scaling). The margin head is always fp32.")
+                           "CUDA with native bf16, CPUs with AMX or AVX512-BF16), none (fp32, the "
+                           "original), bf16, or fp16 (with loss scaling). The margin head is always fp32.")
     channels_last: bool = opt(True, "Channels-last memory format (measured faster on CPU).")
     compile: bool = opt(False, "torch.compile the network (measured slower on CPU).")
     # run control
@@ -86,9 +75,30 @@ class TrainConfig:
                                 "or ignore.")
 
 
-CHOICES = {"arch": NETWORKS.names, "head": ("asoftmax", "softmax", "cosface", "arcface"),
-           "backward": ("original", "exact"), "amp": ("auto", "none", "bf16", "fp16"),
-           "on_stall": ("warn", "stop", "ignore")}
+# The heads' settings, as flags and as keys of the [head] table. Each head takes
+# the ones its constructor names (spherecli/losses.py); others are an error.
+HEAD_SETTINGS = {
+    "margin": (float, "Margin m [default: A-Softmax 4, CosFace 0.35, ArcFace 0.5]."),
+    "scale": (float, "Feature scale s [default: CosFace/ArcFace 64; A-Softmax none, i.e. |x|; a "
+                     "value gives feature-normalised A-Softmax]."),
+    "lambda_base": (float, "A-Softmax lambda = max(lambda_min, base (1 + gamma t)^-power) [1000]."),
+    "lambda_gamma": (float, "A-Softmax lambda decay gamma [0.12]."),
+    "lambda_power": (float, "A-Softmax lambda decay power [1]."),
+    "lambda_min": (float, "A-Softmax lambda floor [5]."),
+    "lambda_hold": (int, "A-Softmax: keep lambda at its base for this many iterations before the "
+                         "decay starts [0: the original]."),
+    "backward": (A_SOFTMAX_BACKWARD, "A-Softmax gradient: exact (autograd) or original (the Caffe "
+                                     "layer's normalised gradient, which diverged on CelebA; "
+                                     "docs/training.md) [exact]."),
+}
+
+LEGACY_DEFAULTS = {"lambda_base": 1000.0, "lambda_gamma": 0.12, "lambda_power": 1.0, "lambda_min": 5.0,
+                   "lambda_hold": 0, "backward": "exact"}
+
+CHOICES = {"arch": NETWORKS.names, "head": HEADS.names, "amp": AMP_MODES, "on_stall": STALL_ACTIONS}
+POSITIVE = ("batch_size", "display", "snapshot", "nproc", "lr")
+NOT_NEGATIVE = ("workers", "max_iter", "warmup", "clip_grad", "weight_decay", "momentum")
+FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
 def field_type(f) -> type:
@@ -97,38 +107,130 @@ def field_type(f) -> type:
     return {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple}[name]
 
 
-def _coerce(name: str, value):
+def _typed(name: str, value, kind, where: str):
+    """value as kind, or an error naming the option and where it came from."""
+    def bad(expected):
+        return UserError(f"{where}{name}: expected {expected}, got {value!r}")
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise bad("one of " + ", ".join(kind))
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise bad("a whole number")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise bad("a string")
+    return value
+
+
+def _unknown(name: str, where: str) -> UserError:
+    import difflib
+
+    close = difflib.get_close_matches(name.replace("-", "_"), [*FIELDS, *HEAD_SETTINGS, "head"], n=1)
+    return UserError(f"{where}unknown training option {name!r}"
+                     + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+def _coerce(name: str, value, where: str = ""):
     """A config value from TOML or the command line, as the field's type wants it."""
-    f = {f.name: f for f in fields(TrainConfig)}.get(name)
-    if f is None:
-        raise UserError(f"unknown training option {name!r}")
+    f = FIELDS.get(name)
+    if f is None or name == "head_args":
+        raise _unknown(name, where)
     if value is None:
         return None
     if name == "lr_steps":
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        return tuple(float(v) if float(v) < 1 else int(float(v)) for v in value)
-    if name in CHOICES and value not in CHOICES[name]:
-        raise UserError(f"{name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
-    kind = field_type(f)
-    try:
-        return kind(value) if kind is not bool or isinstance(value, bool) else value
-    except (TypeError, ValueError):
-        raise UserError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+        parts = value.split(",") if isinstance(value, str) else value
+        try:
+            steps = tuple(float(v) for v in parts if not isinstance(v, str) or v.strip())
+        except (TypeError, ValueError):
+            raise UserError(f"{where}lr_steps: expected iterations (or fractions of max_iter "
+                            f"below 1), e.g. 16000,24000, got {value!r}") from None
+        return tuple(v if v < 1 else int(v) for v in steps)
+    value = _typed(name, value, CHOICES.get(name, field_type(f)), where)
+    if name in POSITIVE and value <= 0 or name in NOT_NEGATIVE and value < 0:
+        raise UserError(f"{where}{name} must be {'above' if name in POSITIVE else 'at least'} 0, "
+                        f"got {value}")
+    return value
+
+
+def _layer(values: dict, where: str) -> tuple[dict, str | None, dict]:
+    """(options, head type or None, head settings) of one layer of configuration.
+
+    A TOML file holds the head as a table, `[head]` with `type` and its settings;
+    recipes and run configs written before that hold `head = "type"` and the
+    settings at the top level, which read the same.
+    """
+    values = dict(values)
+    head = values.pop("head", None)
+    settings = {k: values.pop(k) for k in list(values) if k in HEAD_SETTINGS}
+    legacy = not isinstance(head, dict)
+    if not legacy:
+        settings.update({k: v for k, v in head.items() if k != "type"})
+        head = head.get("type")
+    for k, v in settings.items():
+        if k not in HEAD_SETTINGS:
+            raise _unknown(k, where)
+        settings[k] = _typed(k, v, HEAD_SETTINGS[k][0], where)
+    if head is not None:
+        head = _typed("head", head, HEADS.names, where)
+        if legacy:
+            # Old run configs wrote every head setting, at its default, whatever the head.
+            takes = head_options(head)
+            settings = {k: v for k, v in settings.items() if k in takes or LEGACY_DEFAULTS.get(k) != v}
+    return {k: _coerce(k, v, where) for k, v in values.items() if v is not None}, head, settings
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None,
                 base: dict | None = None) -> TrainConfig:
-    """Defaults <- base (a resumed run's config) <- TOML file <- overrides (the command line)."""
-    values = dict(base or {})
+    """Defaults <- base (a resumed run's config) <- TOML file <- overrides (the command line).
+
+    A layer that names another head drops the head settings of the layers
+    before it, which belonged to the other head; a setting the final head
+    does not take is an error.
+    """
+    layers = [(base or {}, "")]
     if path is not None:
         try:
             with open(path, "rb") as f:
-                values.update(tomllib.load(f))
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise UserError(f"{path}: {e}") from None
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+                layers.append((tomllib.load(f), f"{path}: "))
+        except OSError as e:
+            raise UserError(f"{path}: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{path}: not valid TOML ({e})") from None
+    layers.append((overrides or {}, ""))
+    options, head, settings = {}, TrainConfig.head, {}
+    for values, where in layers:
+        opts, kind, given = _layer(values, where)
+        options.update(opts)
+        if kind is not None and kind != head:
+            head, settings = kind, {}
+        settings.update(given)
+    check_head(head, settings)
+    return TrainConfig(**options, head=head, head_args=settings)
+
+
+def head_options(head: str) -> tuple[str, ...]:
+    """The settings a head takes: its constructor's keyword arguments."""
+    import inspect
+
+    return tuple(p for p in inspect.signature(HEADS.get(head)).parameters
+                 if p not in ("self", "feature_dim", "num_classes"))
+
+
+def check_head(head: str, settings: dict) -> None:
+    extra = sorted(set(settings) - set(head_options(head)))
+    if extra:
+        takes = ", ".join(head_options(head)) or "no settings"
+        raise UserError(f"the {head} head does not take {', '.join(extra)} (it takes: {takes})")
 
 
 def to_toml(cfg: TrainConfig) -> str:
@@ -138,20 +240,28 @@ def to_toml(cfg: TrainConfig) -> str:
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(value(x) for x in v) + "]"
         return json.dumps(v)
-    return "".join(f"{k} = {value(v)}\n" for k, v in asdict(cfg).items() if v is not None)
+    top = {k: v for k, v in asdict(cfg).items() if v is not None and k not in ("head", "head_args")}
+    head = {"type": cfg.head, **cfg.head_args}
+    return ("".join(f"{k} = {value(v)}\n" for k, v in top.items())
+            + "\n[head]\n" + "".join(f"{k} = {value(v)}\n" for k, v in head.items()))
 
 
 def resolve(config_file: str | Path | None, overrides: dict, resume: bool) -> tuple[TrainConfig, bool]:
     """The config of a run, and whether it continues an earlier one.
 
-    With resume, a run folder that holds a checkpoint continues with the
-    config it was started with (its config.toml), changed only by what is
-    given again now; a folder without one starts fresh.
+    With resume, a run folder that holds a config.toml continues with that
+    config, changed only by what is given again now; it resumes from its
+    checkpoint when it has one, and starts from the beginning otherwise (a
+    run stopped before its first snapshot).
     """
     cfg = load_config(config_file, overrides)
     saved = Path(cfg.out) / "config.toml"
-    if resume and (Path(cfg.out) / "checkpoint.pt").exists() and saved.exists():
-        with open(saved, "rb") as f:
-            base = tomllib.load(f)
-        return load_config(config_file, overrides, base=base), True
+    if resume and saved.is_file():
+        try:
+            with open(saved, "rb") as f:
+                base = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise UserError(f"{saved}: {e}") from None
+        cfg = load_config(config_file, overrides, base=base)
+        return cfg, (Path(cfg.out) / "checkpoint.pt").exists()
     return cfg, False

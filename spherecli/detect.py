@@ -26,9 +26,8 @@ from spherecli.formats import (JsonlAppender, latest_status, manifest_header, ma
                                read_manifest)
 from spherecli.images import decode, describe_error, identity_of, oriented_size, walk_images
 from spherecli.parallel import cpu_count, map_batches
-from spherecli.registry import BORDER_MODES
+from spherecli.registry import BORDER_MODES, SELECT_RULES
 
-SELECT_RULES = ("center", "largest", "confident")
 # A face whose box runs past the frame by more than this fraction of the image's
 # side is detected again on a padded copy; the copy gets this fraction of the
 # long side in black on every side.

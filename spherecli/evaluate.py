@@ -16,9 +16,9 @@ import numpy as np
 
 from spherecli import UserError
 from spherecli.features import unit
+from spherecli.registry import LFW_PATTERN
 
 THRESHOLDS = np.arange(-10000, 10001) / 10000.0  # Matlab's (-thrNum:thrNum) / thrNum
-LFW_PATTERN = "{name}/{name}_{num:04d}.jpg"
 
 
 @dataclass

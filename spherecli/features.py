@@ -22,8 +22,6 @@ from spherecli.data import FaceList, worker_errors
 from spherecli.formats import InputSpec, onnx_sidecar, parse_input_spec, read_input_spec
 from spherecli.models import autocast_dtype, build_from, load_model
 
-FLIP_MODES = ("concat", "sum", "none")
-
 
 def prepare(batch: torch.Tensor, spec: InputSpec, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 BGR (N, 3, H, W) -> float network input, on the device."""

@@ -398,7 +398,10 @@ class ModelFile:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelFile":
-        state = load_checkpoint(path)
+        return cls.from_state(load_checkpoint(path), path)
+
+    @classmethod
+    def from_state(cls, state: dict, path: str | Path) -> "ModelFile":
         try:
             # Files written before version 2 kept the constructor's arguments at the top
             # level and always meant SphereFace's 112x96 BGR input.
@@ -409,3 +412,104 @@ class ModelFile:
             return cls(state["arch"], dict(args), state["model"], spec, origin)
         except (KeyError, TypeError) as e:
             raise UserError(f"{path}: a spherecli model file without {e}") from None
+
+
+# --------------------------------------------------------------------------- training run
+
+@dataclass
+class Checkpoint:
+    """Everything needed to resume training (`checkpoint.pt`): the model file's keys,
+    so that a checkpoint reads as a model file too, and the training state."""
+    model: ModelFile
+    head_name: str
+    num_classes: int
+    head: dict
+    optimizer: dict
+    scaler: dict
+    iteration: int
+    rng: dict
+
+    def save(self, path: str | Path) -> None:
+        save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "version": 2, "tool": f"spherecli {__version__}",
+                               **self.model.header(), "model": self.model.weights,
+                               "head_name": self.head_name, "num_classes": self.num_classes,
+                               "head": self.head, "optimizer": self.optimizer, "scaler": self.scaler,
+                               "iteration": self.iteration, "rng": self.rng})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Checkpoint":
+        state = load_checkpoint(path, CHECKPOINT_FORMAT)
+        try:
+            return cls(ModelFile.from_state(state, path), state["head_name"], state["num_classes"],
+                       state["head"], state["optimizer"], state["scaler"], state["iteration"], state["rng"])
+        except KeyError as e:
+            raise UserError(f"{path}: a training checkpoint without {e}") from None
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The files of a training run (`train --out`)."""
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "log.jsonl"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model.pt"
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """A run's log.jsonl: its iteration rows, each iteration once. A resumed run redid
+    the iterations after its checkpoint; the later rows count."""
+    rows: list[dict] = []
+    for _, r in read_jsonl(path):
+        if "iter" not in r:
+            continue
+        while rows and rows[-1]["iter"] >= r["iter"]:
+            rows.pop()
+        rows.append(r)
+    return rows
+
+
+# --------------------------------------------------------------------------- features and results
+
+def save_features(path: str | Path, names, features, *, flip: str, amp: str = "none") -> None:
+    """`.npz` of image names (paths under the data folder), float32 features (one row per
+    name), and how they were made: flip mode and precision. Written by `evaluate
+    --save-features` and `embed`; read by `evaluate --features`."""
+    import numpy as np
+
+    try:
+        np.savez(path, names=np.array(list(names), dtype=str), features=np.asarray(features, np.float32),
+                 flip=flip, amp=amp)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def load_features(path: str | Path) -> tuple[list[str], "np.ndarray", dict]:  # noqa: F821
+    """(names, float64 features, {"flip": ..., "amp": ...}) of a features file."""
+    import numpy as np
+
+    try:
+        with np.load(path) as f:
+            names, feats = [str(n) for n in f["names"]], f["features"].astype(np.float64)
+            made = {k: str(f[k]) for k in ("flip", "amp") if k in f}
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: not a features file of names and features ({e})") from None
+    return names, feats, made
+
+
+def result_path(model: str | Path, benchmark: str = "lfw") -> Path:
+    """Where `evaluate` writes a model's result on a benchmark, next to the model:
+    MODEL.lfw.json is the one `verify` and `identify` calibrate with."""
+    return Path(str(Path(model).with_suffix("")) + f".{benchmark}.json")

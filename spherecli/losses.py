@@ -4,7 +4,13 @@ Every head has the same interface: `head(features, labels) -> logits`, to be
 fed to ordinary softmax cross-entropy; the margin, if any, is applied to
 the target class's logit. Heads compute in fp32 whatever the autocast
 state, because cos(m theta) polynomials and margins lose their meaning in
-half precision. To add a head, write a class here and add it to HEADS.
+half precision.
+
+A head's settings are its constructor's keyword arguments, named as the
+training options are (`margin`, `scale`, `lambda_hold`, ...), so the
+config's head table is passed to it as it is and a setting it does not
+take is an error. To add a head, write a class here, decorate it with
+`@HEADS.register` and declare its name in spherecli/registry.py.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from spherecli import UserError
+from spherecli.config import check_head
 from spherecli.models.sphereface import caffe_xavier_
+from spherecli.registry import A_SOFTMAX_BACKWARD, HEADS
 
 EPS = 1e-12
 
@@ -30,7 +38,16 @@ def _fp32(fn):
     return forward
 
 
-class Softmax(nn.Module):
+class Head(nn.Module):
+    """What the trainer asks of every head besides its forward pass."""
+
+    def metrics(self) -> dict:
+        """Numbers of the last forward pass worth logging (A-Softmax: lambda)."""
+        return {}
+
+
+@HEADS.register
+class Softmax(Head):
     """Plain softmax: an inner product with bias (the paper's baseline)."""
 
     def __init__(self, feature_dim: int, num_classes: int):
@@ -108,30 +125,35 @@ class _CaffeMarginProduct(torch.autograd.Function):
         return grad_x, grad_w, None, None, None
 
 
-class ASoftmax(nn.Module):
+@HEADS.register
+class ASoftmax(Head):
     """A-Softmax (SphereFace): angular margin m with the annealed lambda.
 
-    lambda = max(lambda_min, base * (1 + gamma * t)^(-power)), t the training
-    iteration (counted from 1, as the original increments before use).
-    `hold` keeps lambda at `base` for the first `hold` iterations and starts
-    the decay after them (0 = the original schedule). `s` replaces |x| by a
-    fixed scale (the feature-normalised variant; None = the original).
-    `backward` is "exact" (autograd through every operation) or "original"
-    (the Caffe layer's normalised gradient, weights renormalised in place).
+    lambda = max(lambda_min, lambda_base * (1 + lambda_gamma * t)^(-lambda_power)),
+    t the training iteration (counted from 1, as the original increments
+    before use). `lambda_hold` keeps lambda at its base for that many
+    iterations and starts the decay after them (0 = the original schedule).
+    `scale` replaces |x| by a fixed scale (the feature-normalised variant;
+    None = the original). `backward` is "exact" (autograd through every
+    operation) or "original" (the Caffe layer's normalised gradient, weights
+    renormalised in place).
     """
 
-    def __init__(self, feature_dim: int, num_classes: int, m: int = 4, base: float = 1000.0,
-                 gamma: float = 0.12, power: float = 1.0, lambda_min: float = 5.0, hold: int = 0,
-                 s: float | None = None, backward: str = "exact"):
+    def __init__(self, feature_dim: int, num_classes: int, margin: int = 4, lambda_base: float = 1000.0,
+                 lambda_gamma: float = 0.12, lambda_power: float = 1.0, lambda_min: float = 5.0,
+                 lambda_hold: int = 0, scale: float | None = None, backward: str = "exact"):
         super().__init__()
-        if m not in (1, 2, 3, 4):
-            raise UserError(f"A-Softmax margin m must be 1, 2, 3 or 4, got {m}")
-        if backward not in ("original", "exact"):
-            raise UserError(f"backward must be 'original' or 'exact', got {backward!r}")
+        if margin not in (1, 2, 3, 4):
+            raise UserError(f"A-Softmax margin m must be 1, 2, 3 or 4, got {margin}")
+        if backward not in A_SOFTMAX_BACKWARD:
+            raise UserError(f"backward must be one of {', '.join(A_SOFTMAX_BACKWARD)}, got {backward!r}")
         self.weight = nn.Parameter(caffe_xavier_(torch.empty(num_classes, feature_dim)))
-        self.m, self.base, self.gamma, self.power = int(m), base, gamma, power  # 4.0 -> 4
-        self.lambda_min, self.hold, self.s, self.backward = lambda_min, hold, s, backward
+        self.m, self.base, self.gamma, self.power = int(margin), lambda_base, lambda_gamma, lambda_power
+        self.lambda_min, self.hold, self.s, self.backward = lambda_min, lambda_hold, scale, backward
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+
+    def metrics(self) -> dict:
+        return {"lambda": round(self.last_lambda, 4)} if hasattr(self, "last_lambda") else {}
 
     def lambda_at(self, t: int) -> float:
         t = max(0, t - self.hold)
@@ -157,7 +179,7 @@ class ASoftmax(nn.Module):
         return logits.scatter(1, labels[:, None], target[:, None])
 
 
-class _NormalisedHead(nn.Module):
+class _NormalisedHead(Head):
     """Shared by the heads that score cos(theta) between unit features and unit weights."""
 
     def __init__(self, feature_dim: int, num_classes: int, s: float, m: float):
@@ -175,21 +197,23 @@ class _NormalisedHead(nn.Module):
         return self.s * cos.scatter(1, labels[:, None], self.margin(c))
 
 
+@HEADS.register
 class CosFace(_NormalisedHead):
     """CosFace / AM-Softmax: s (cos(theta_y) - m)."""
 
-    def __init__(self, feature_dim: int, num_classes: int, s: float = 64.0, m: float = 0.35):
-        super().__init__(feature_dim, num_classes, s, m)
+    def __init__(self, feature_dim: int, num_classes: int, scale: float = 64.0, margin: float = 0.35):
+        super().__init__(feature_dim, num_classes, scale, margin)
 
     def margin(self, c):
         return c - self.m
 
 
+@HEADS.register
 class ArcFace(_NormalisedHead):
     """ArcFace: s cos(theta_y + m), linearised past theta = pi - m so it stays monotonic."""
 
-    def __init__(self, feature_dim: int, num_classes: int, s: float = 64.0, m: float = 0.5):
-        super().__init__(feature_dim, num_classes, s, m)
+    def __init__(self, feature_dim: int, num_classes: int, scale: float = 64.0, margin: float = 0.5):
+        super().__init__(feature_dim, num_classes, scale, margin)
 
     def margin(self, c):
         # sin from cos, clamped away from 0 so the gradient stays finite at cos = +-1.
@@ -199,16 +223,7 @@ class ArcFace(_NormalisedHead):
                            c - math.sin(math.pi - self.m) * self.m)
 
 
-HEADS = {"softmax": Softmax, "asoftmax": ASoftmax, "cosface": CosFace, "arcface": ArcFace}
-
-
-def create_head(name: str, feature_dim: int, num_classes: int, **options) -> nn.Module:
-    """Build a head; options that the head does not take are ignored."""
-    import inspect
-
-    if name not in HEADS:
-        raise UserError(f"unknown head {name!r}; choose one of {', '.join(HEADS)}")
-    cls = HEADS[name]
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(feature_dim, num_classes, **{k: v for k, v in options.items()
-                                            if k in accepted and v is not None})
+def create_head(name: str, feature_dim: int, num_classes: int, **settings) -> nn.Module:
+    """Build a head; a setting that the head does not take is an error."""
+    check_head(name, settings)
+    return HEADS.get(name)(feature_dim, num_classes, **settings)

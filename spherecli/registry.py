@@ -25,11 +25,12 @@ class Registry:
         return tuple(self.modules)
 
     def register(self, fn):
-        """Decorator: the builder's own name is its registered name."""
-        if self.modules.get(fn.__name__) != fn.__module__:
-            raise RuntimeError(f"{fn.__module__}.{fn.__name__}: declare {fn.__name__!r} in "
+        """Decorator: the builder's (or class's) own name, lower-cased, is its registered name."""
+        name = fn.__name__.lower()
+        if self.modules.get(name) != fn.__module__:
+            raise RuntimeError(f"{fn.__module__}.{fn.__name__}: declare {name!r} in "
                                f"spherecli/registry.py's {self.what} table first")
-        self.builders[fn.__name__] = fn
+        self.builders[name] = fn
         return fn
 
     def get(self, name: str):
@@ -50,6 +51,13 @@ NETWORKS = Registry("network", {
     "sphere36": "spherecli.models.sphereface",
     "sphere64": "spherecli.models.sphereface",
     "mobilefacenet": "spherecli.models.mobilefacenet",
+})
+
+HEADS = Registry("head", {
+    "asoftmax": "spherecli.losses",
+    "softmax": "spherecli.losses",
+    "cosface": "spherecli.losses",
+    "arcface": "spherecli.losses",
 })
 
 # Where the five landmarks are put in an aligned crop: (height, width) and the
@@ -73,3 +81,13 @@ IMPORT_FORMATS = ("caffe", "sphere20a", "mobilefacenet")
 
 # How `detect` treats faces that fill the frame (spherecli/detect.py, FaceDetector.detect).
 BORDER_MODES = ("redetect", "pad", "none")
+
+# Smaller choices, each made on the command line and in recipes.
+A_SOFTMAX_BACKWARD = ("exact", "original")       # autograd, or the Caffe layer's normalised gradient
+AMP_MODES = ("auto", "none", "bf16", "fp16")     # mixed precision; none is fp32
+FLIP_MODES = ("concat", "sum", "none")           # an image's feature with its mirror's
+SELECT_RULES = ("center", "largest", "confident")  # which face of several detect keeps
+STALL_ACTIONS = ("warn", "stop", "ignore")        # when training looks stalled
+
+# LFW's image path for (name, number) under an aligned folder, as pairs.txt names them.
+LFW_PATTERN = "{name}/{name}_{num:04d}.jpg"

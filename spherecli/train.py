@@ -1,15 +1,17 @@
-"""Stage 4: train a SphereFace network with a margin head, from one CPU to many GPUs.
+"""Stage 4: train a face network with a margin head, from one CPU to many GPUs.
 
-Read it top to bottom: the config, the pieces it builds, then one loop.
-Defaults are the original Caffe recipe (sphereface_solver.prototxt and
-sphereface_model.prototxt); every value is a flag or a line of a TOML file.
-Several processes (`--gpus 0,1`, `--nproc N`, or torchrun) train with
-DistributedDataParallel; the batch size is per process, as in Caffe.
+Read it top to bottom: a Trainer is built from the config (network, head,
+optimizer, data), `step` is one iteration, `run` is the loop, and what
+watches the loop (the log file, the progress display, the stall watch) are
+callbacks outside it. Defaults are the original Caffe recipe
+(sphereface_solver.prototxt and sphereface_model.prototxt); every value is a
+flag or a line of a TOML file. Several processes (`--gpus 0,1`, `--nproc N`,
+or torchrun) train with DistributedDataParallel; the batch size is per
+process, as in Caffe.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -23,17 +25,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from spherecli import UserError, __version__
+from spherecli import UserError
 from spherecli.config import TrainConfig, to_toml
 from spherecli.data import EpochBatches, batches, check_images, load_face
 from spherecli.features import prepare
-from spherecli.formats import (CHECKPOINT_FORMAT, InputSpec, ModelFile, load_checkpoint, read_list,
-                               save_checkpoint)
+from spherecli.formats import Checkpoint, InputSpec, JsonlAppender, ModelFile, RunFolder, read_list
 from spherecli.losses import create_head
 from spherecli.models import autocast_dtype, create_model
 
-
-# --------------------------------------------------------------------------- pieces
 
 class Trainee(nn.Module):
     """Network and head as one module, so DDP synchronises both."""
@@ -46,15 +45,15 @@ class Trainee(nn.Module):
         features = self.backbone(x)
         return self.head(features, labels), features
 
-
-def param_groups(module: nn.Module, weight_decay: float, caffe_rules: bool) -> list[dict]:
-    decay, bias = [], []
-    for name, p in module.named_parameters():
-        (bias if caffe_rules and name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0}]
-    if bias:
-        groups.append({"params": bias, "weight_decay": 0.0, "lr_mult": 2.0})
-    return groups
+    def param_groups(self, weight_decay: float, caffe_rules: bool) -> list[dict]:
+        """The original's rules: biases learn at twice the rate and do not decay."""
+        decay, bias = [], []
+        for name, p in self.named_parameters():
+            (bias if caffe_rules and name.endswith(".bias") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0}]
+        if bias:
+            groups.append({"params": bias, "weight_decay": 0.0, "lr_mult": 2.0})
+        return groups
 
 
 def learning_rate(cfg: TrainConfig, it: int) -> float:
@@ -83,245 +82,272 @@ def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 class Stopped(UserError):
-    """Training stopped on purpose (divergence, stall); the last checkpoint is kept."""
+    """Training stopped on purpose (divergence, stall, Ctrl-C); what is saved is said."""
 
 
-# --------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------- the trainer
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train on this process's share; under torchrun every process calls this."""
-    rank, world, local_rank = distributed_env()
-    device = pick_device(cfg, local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    main = rank == 0
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
-    if not cfg.list:
-        raise UserError("no training list: pass --list LIST (from `sphereface list`)")
-    if ckpt_path.exists() and not resume:
-        raise UserError(f"{out} already holds a run; add --resume to continue it, "
-                        "or choose another --out")
-    if resume and not ckpt_path.exists():
-        raise UserError(f"--resume: no checkpoint in {out}")
+class Trainer:
+    """A training run: everything `build` makes from a config, and its state.
 
-    items, missing = check_images(read_list(cfg.list, cfg.root), cfg.list, cfg.skip_missing)
-    num_classes = max(label for _, label in items) + 1
-    input_size = load_face(items[0][0]).shape[:2]
-    spec = InputSpec(size=input_size)
-    torch.manual_seed(cfg.seed)
-    backbone = create_model(cfg.arch, input_size=input_size,
-                            **({"feature_dim": cfg.feature_dim} if cfg.feature_dim else {}))
-    head = create_head(cfg.head, backbone.feature_dim, num_classes,
-                       m=cfg.margin,
-                       s=cfg.scale, base=cfg.lambda_base, gamma=cfg.lambda_gamma,
-                       power=cfg.lambda_power, lambda_min=cfg.lambda_min, hold=cfg.lambda_hold,
-                       backward=cfg.backward)
-    trainee = Trainee(backbone, head).to(device)
-    if cfg.channels_last:
-        trainee.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(trainee, cfg.weight_decay, cfg.caffe_param_rules),
-                                lr=cfg.lr, momentum=cfg.momentum)
-    amp_dtype = autocast_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start = 0
-    if resume:
-        state = load_checkpoint(ckpt_path, CHECKPOINT_FORMAT)
-        trainee.backbone.load_state_dict(state["model"])
-        trainee.head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        start = state["iteration"]
-    elif cfg.init_from:
+    `state_dict` / `load_state_dict` are the checkpoint; `step` is one update
+    (override it to change the update); `run` feeds it batches, reports every
+    `display` iterations to the callbacks and checkpoints every `snapshot`.
+    """
+
+    def __init__(self, cfg: TrainConfig, trainee: Trainee, spec: InputSpec, items: list, *,
+                 device: torch.device, rank: int = 0, world: int = 1, missing: int = 0):
+        self.cfg, self.trainee, self.spec, self.items = cfg, trainee, spec, items
+        self.device, self.rank, self.world, self.missing = device, rank, world, missing
+        self.num_classes = max(label for _, label in items) + 1
+        self.optimizer = torch.optim.SGD(trainee.param_groups(cfg.weight_decay, cfg.caffe_param_rules),
+                                         lr=cfg.lr, momentum=cfg.momentum)
+        self.amp_dtype = autocast_dtype(cfg.amp, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.iteration = 0
+        self.model = trainee
+        self.folder = RunFolder(Path(cfg.out))
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, *, rank: int = 0, world: int = 1,
+              device: torch.device | str = "cpu") -> "Trainer":
+        """Read the list, build network and head from the seed, put them on the device."""
+        device = torch.device(device)
+        if not cfg.list:
+            raise UserError("no training list: pass --list LIST (from `sphereface list`)")
+        items, missing = check_images(read_list(cfg.list, cfg.root), cfg.list, cfg.skip_missing)
+        input_size = load_face(items[0][0]).shape[:2]
+        torch.manual_seed(cfg.seed)
+        backbone = create_model(cfg.arch, input_size=input_size,
+                                **({"feature_dim": cfg.feature_dim} if cfg.feature_dim else {}))
+        num_classes = max(label for _, label in items) + 1
+        head = create_head(cfg.head, backbone.feature_dim, num_classes, **cfg.head_args)
+        trainee = Trainee(backbone, head).to(device)
+        if cfg.channels_last:
+            trainee.to(memory_format=torch.channels_last)
+        return cls(cfg, trainee, InputSpec(size=input_size), items, device=device, rank=rank,
+                   world=world, missing=missing)
+
+    # ----------------------------------------------------------------------- state
+
+    def model_file(self) -> ModelFile:
+        backbone = self.trainee.backbone
+        return ModelFile(self.cfg.arch, backbone.model_args, backbone.state_dict(), self.spec,
+                         {"config": asdict(self.cfg)})
+
+    def state_dict(self) -> Checkpoint:
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []}
+        return Checkpoint(self.model_file(), self.cfg.head, self.num_classes, self.trainee.head.state_dict(),
+                          self.optimizer.state_dict(), self.scaler.state_dict(), self.iteration, rng)
+
+    def load_state_dict(self, state: Checkpoint) -> None:
+        self.trainee.backbone.load_state_dict(state.model.weights)
+        self.trainee.head.load_state_dict(state.head)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scaler.load_state_dict(state.scaler)
+        torch.set_rng_state(state.rng["torch"])
+        if self.device.type == "cuda" and state.rng["cuda"]:
+            torch.cuda.set_rng_state_all(state.rng["cuda"])
+        self.iteration = state.iteration
+
+    def init_from(self, path: str) -> None:
+        """Start from another run's network weights (e.g. softmax-trained); the head stays fresh."""
         try:
-            trainee.backbone.load_state_dict(ModelFile.load(cfg.init_from).weights)
+            self.trainee.backbone.load_state_dict(ModelFile.load(path).weights)
         except RuntimeError as e:
-            raise UserError(f"--init-from {cfg.init_from}: its network does not match "
-                            f"{cfg.arch} at {input_size}: {str(e).splitlines()[0]}") from None
-    if cfg.compile:
-        trainee.backbone = torch.compile(trainee.backbone)
-    model = nn.parallel.DistributedDataParallel(trainee) if world > 1 else trainee
+            raise UserError(f"--init-from {path}: its network does not match {self.cfg.arch} at "
+                            f"{self.spec.size}: {str(e).splitlines()[0]}") from None
 
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-    sampler = EpochBatches(len(items), cfg.batch_size, world, rank, cfg.seed, start, cfg.max_iter)
-    # A finished run that is resumed only re-exports its model: no data to load.
-    data = (batches(items, sampler, cfg.workers, cfg.cache, pin=device.type == "cuda")
-            if start < cfg.max_iter else iter(()))
-    model_file = ModelFile(cfg.arch, backbone.model_args, {}, spec, {"config": asdict(cfg)})
-    meta = {**model_file.header(), "head_name": cfg.head, "num_classes": num_classes,
-            "tool": f"spherecli {__version__}"}
+    # ----------------------------------------------------------------------- the loop
 
-    def checkpoint(it: int) -> None:
-        if main:
-            save_checkpoint(ckpt_path, {
-                "format": CHECKPOINT_FORMAT, **meta, "iteration": it,
-                "model": backbone.state_dict(), "head": head.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}})
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One update on a uint8 batch: (loss, logits, features)."""
+        lr = learning_rate(self.cfg, self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        x = prepare(x, self.spec, self.device)
+        y = y.to(self.device, non_blocking=True)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits, features = self.model(x, y)
+        loss = F.cross_entropy(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.trainee.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.iteration += 1
+        return loss, logits, features
 
-    log = Log(out / "log.jsonl", cfg, num_classes, world, start, main and progress) if main else None
-    if main:
-        log.note(f"{len(items)} images, {num_classes} identities"
-                 + (f", {missing} missing images skipped" if missing else "")
-                 + f"; {cfg.arch} + {cfg.head} on {world} x {device}"
-                 f" ({'fp32' if amp_dtype is None else str(amp_dtype)[6:]}); batch {cfg.batch_size} x "
-                 f"{world} = {cfg.batch_size * world} per iteration; iterations {start}..{cfg.max_iter}")
-    stats = torch.zeros(5, device=device)  # loss sum, correct, feature norm sum, images, stop
-    interrupted = []
-
-    def on_interrupt(*_):
-        if interrupted:  # a second Ctrl-C does not wait for the checkpoint
-            raise KeyboardInterrupt
-        interrupted.append(1)
-
-    previous_handler = signal.signal(signal.SIGINT, on_interrupt) if main_thread() else None
-    model.train()
-    try:
-        for it in range(start, cfg.max_iter):
-            lr = learning_rate(cfg, it)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_mult"]
+    def run(self, data, callbacks=(), interrupted=lambda: False) -> dict:
+        """Train to max_iter. Every `display` iterations the averages over the processes
+        go to each callback's `report(row)`, which may return a reason to stop."""
+        cfg, device = self.cfg, self.device
+        stats = torch.zeros(5, device=device)  # loss sum, correct, feature norm sum, images, stop
+        row: dict = {}
+        while self.iteration < cfg.max_iter:
+            lr = learning_rate(cfg, self.iteration)
             x, y = next(data)
-            x = prepare(x, spec, device)
-            y = y.to(device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits, features = model(x, y)
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(trainee.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
+            loss, logits, features = self.step(x, y)
             with torch.no_grad():
                 stats[:4] += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(),
                                           features.detach().float().norm(dim=1).sum(),
                                           torch.tensor(float(len(y)), device=device)])
-            done = it + 1
-            if main:
-                log.tick(done)
-            report = done % cfg.display == 0 or done % cfg.snapshot == 0 or done == cfg.max_iter
-            if interrupted and world == 1:
-                report = True
-            if not report:
+            done = self.iteration
+            for cb in callbacks:
+                cb.tick(done)
+            snapshot = done % cfg.snapshot == 0 or done == cfg.max_iter
+            if not (done % cfg.display == 0 or snapshot or (interrupted() and self.world == 1)):
                 continue
             # Ctrl-C reaches every process at a different moment; agree here on stopping.
-            stats[4] = float(bool(interrupted))
-            if world > 1:
+            stats[4] = float(interrupted())
+            if self.world > 1:
                 dist.all_reduce(stats)
             loss_avg, acc, norm = (stats[:3] / stats[3]).tolist()
             stop = stats[4].item() > 0
             stats.zero_()
             if not math.isfinite(loss_avg):
-                raise Stopped(f"loss became {loss_avg} by iteration {done}; the last good "
-                              f"checkpoint is kept in {ckpt_path}. Lower --lr, or add "
-                              "--clip-grad 5 and --warmup 100.")
-            if main:
-                verdict = log.record(done, loss_avg, acc, norm, lr, getattr(head, "last_lambda", None))
-                if verdict and cfg.on_stall != "ignore":
-                    if cfg.on_stall == "stop":
-                        raise Stopped(verdict)
-                    log.note(verdict)
-            if done % cfg.snapshot == 0 or done == cfg.max_iter or stop:
-                checkpoint(done)
+                raise Stopped(f"loss became {loss_avg} by iteration {done}; {self.saved()}. Lower --lr, "
+                              "or add --clip-grad 5 and --warmup 100")
+            row = {"iter": done, "loss": loss_avg, "acc": acc, "lr": lr, **self.trainee.head.metrics(),
+                   "feature_norm": norm}
+            reasons = [r for cb in callbacks if (r := cb.report(row))]
+            if snapshot or stop:
+                self.save()
+            if reasons:
+                raise Stopped(reasons[0])
             if stop:
-                raise Stopped(f"interrupted: iteration {done} is saved in {ckpt_path}; "
+                raise Stopped(f"interrupted: iteration {done} is saved in {self.folder.checkpoint}; "
                               "run again with --resume to continue")
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-        if main:
-            log.close()
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-    if main:
-        model_file.weights = backbone.state_dict()
-        model_file.save(out / "model.pt")
-        return log.summary
-    return {}
+        return row
+
+    def save(self) -> None:
+        if self.rank == 0:
+            self.state_dict().save(self.folder.checkpoint)
+
+    def saved(self) -> str:
+        """What a run stopped now leaves to resume from."""
+        if self.folder.checkpoint.exists():
+            at = Checkpoint.load(self.folder.checkpoint).iteration
+            return f"the last good checkpoint, iteration {at}, is kept in {self.folder.checkpoint}"
+        return (f"no checkpoint was written yet (the first is due at iteration {self.cfg.snapshot}); "
+                "--resume starts the run again from the beginning")
 
 
-def main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+# --------------------------------------------------------------------------- what watches the loop
+
+class Callback:
+    """Told of every iteration (tick) and every report; report may return a reason to stop."""
+
+    def tick(self, it: int) -> None:
+        pass
+
+    def report(self, row: dict) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
-class Log:
-    """Progress on the terminal, the same numbers in log.jsonl, and the stall watch."""
+class LogFile(Callback):
+    """log.jsonl: one row per report, and notes; a line cut by a kill is repaired first."""
 
-    def __init__(self, path: Path, cfg: TrainConfig, num_classes: int, world: int, start: int,
-                 show: bool):
+    def __init__(self, path: Path, cfg: TrainConfig, world: int, start: int):
+        self.out = JsonlAppender(path)
+        self.images_per_iter = cfg.batch_size * world
+        self.max_iter = cfg.max_iter
+        self.t0 = self.t_last = time.perf_counter()
+        self.it_last = start
+        self.last: dict = {}
+
+    def note(self, text: str) -> None:
+        self.out.write([{"note": text}])
+
+    def report(self, row: dict) -> None:
+        now = time.perf_counter()
+        speed = (row["iter"] - self.it_last) * self.images_per_iter / max(now - self.t_last, 1e-9)
+        self.t_last, self.it_last = now, row["iter"]
+        self.last = {**row, "loss": round(row["loss"], 5), "acc": round(row["acc"], 5),
+                     "feature_norm": round(row["feature_norm"], 4), "images_per_s": round(speed, 1),
+                     "elapsed_s": round(now - self.t0, 1),
+                     "eta_s": round((self.max_iter - row["iter"]) * self.images_per_iter / max(speed, 1e-9))}
+        self.out.write([self.last])
+
+    def close(self) -> None:
+        self.out.close()
+
+
+class Display(Callback):
+    """Progress on the terminal: a bar with the last numbers, or plain lines when not a terminal."""
+
+    def __init__(self, log: LogFile, max_iter: int, start: int, show: bool):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-        self.file = open(path, "a", encoding="utf-8")
-        self.cfg, self.world, self.start = cfg, world, start
-        self.chance_loss = math.log(num_classes)
+        self.log, self.max_iter, self.show = log, max_iter, show
         self.console = Console(stderr=True, highlight=False)
-        self.show = show
         self.bar = None
         if show and self.console.is_terminal:
             self.bar = Progress(MofNCompleteColumn(), BarColumn(bar_width=20),
                                 TextColumn("{task.description}"), console=self.console)
-            self.task = self.bar.add_task("starting", total=cfg.max_iter, completed=start)
+            self.task = self.bar.add_task("starting", total=max_iter, completed=start)
             self.bar.start()
-        self.t0 = self.t_last = time.perf_counter()
-        self.it_last = start
-        self.first_norm = None
-        self.warned = False
-        self.summary = {}
 
     def note(self, text: str) -> None:
         if self.show:
             self.console.print(text)
-        self.file.write(json.dumps({"note": text}) + "\n")
-        self.file.flush()
 
     def tick(self, it: int) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=it)
 
-    def record(self, it, loss, acc, norm, lr, lam) -> str | None:
-        now = time.perf_counter()
-        speed = (it - self.it_last) * self.cfg.batch_size * self.world / max(now - self.t_last, 1e-9)
-        self.t_last, self.it_last = now, it
-        eta = (self.cfg.max_iter - it) * self.cfg.batch_size * self.world / max(speed, 1e-9)
-        row = {"iter": it, "loss": round(loss, 5), "acc": round(acc, 5), "lr": lr,
-               "lambda": None if lam is None else round(lam, 4), "feature_norm": round(norm, 4),
-               "images_per_s": round(speed, 1), "elapsed_s": round(now - self.t0, 1),
-               "eta_s": round(eta)}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        self.summary = row
-        text = (f"loss {loss:.4f} acc {acc:6.2%}" + ("" if lam is None else f" lambda {lam:.2f}")
-                + f" lr {lr:.2e} |x| {norm:.2f} {speed:.0f} img/s eta {eta / 60:.1f} min")
+    def report(self, row: dict) -> None:
+        r = self.log.last
+        text = (f"loss {r['loss']:.4f} acc {r['acc']:6.2%}"
+                + (f" lambda {r['lambda']:.2f}" if "lambda" in r else "")
+                + f" lr {r['lr']:.2e} |x| {r['feature_norm']:.2f} {r['images_per_s']:.0f} img/s "
+                  f"eta {r['eta_s'] / 60:.1f} min")
         if self.bar is not None:
-            self.bar.update(self.task, completed=it, description=text)
+            self.bar.update(self.task, completed=row["iter"], description=text)
         elif self.show:
-            self.console.print(f"iter {it}/{self.cfg.max_iter} {text}")
-        return self.stall(it, loss, norm)
+            self.console.print(f"iter {row['iter']}/{self.max_iter} {text}")
 
-    def stall(self, it, loss, norm) -> str | None:
-        """SphereFace's two known failures, seen from the loss and the mean feature norm:
-        the loss pinned at ln C while the features shrink to nothing, or the loss
-        climbing past ln C while the features grow without bound."""
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class StallWatch(Callback):
+    """SphereFace's two known failures, seen from the loss and the mean feature norm:
+    the loss pinned at ln C while the features shrink to nothing, or the loss
+    climbing past ln C while the features grow without bound. Warns once (a note
+    in the log and on the terminal) or stops the run, as `on_stall` says."""
+
+    def __init__(self, num_classes: int, settle: int, action: str, notes=()):
+        self.chance_loss = math.log(num_classes)
+        self.settle, self.action, self.notes = settle, action, notes
+        self.first_norm = None
+        self.warned = False
+
+    def report(self, row: dict) -> str | None:
+        verdict = self.verdict(row["iter"], row["loss"], row["feature_norm"])
+        if verdict is None or self.action == "ignore":
+            return None
+        if self.action == "stop":
+            return verdict
+        for note in self.notes:
+            note(verdict)
+        return None
+
+    def verdict(self, it: int, loss: float, norm: float) -> str | None:
         if self.first_norm is None:
             self.first_norm = norm
             return None
-        settle = self.start + max(self.cfg.warmup, 100)
-        if self.warned or it < settle:
+        if self.warned or it < self.settle:
             return None
         if loss > 0.95 * self.chance_loss and norm < 0.25 * self.first_norm:
             what = (f"training looks stalled: loss {loss:.3f} is still near ln C = {self.chance_loss:.3f} "
@@ -339,10 +365,83 @@ class Log:
                 "or --init-from a softmax-trained checkpoint; or feature-normalised A-Softmax "
                 "(--scale 30); or a lower --lr.")
 
-    def close(self):
-        if self.bar is not None:
-            self.bar.stop()
-        self.file.close()
+
+# --------------------------------------------------------------------------- one process
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train on this process's share; under torchrun every process calls this."""
+    rank, world, local_rank = distributed_env()
+    device = pick_device(cfg, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    folder = RunFolder(Path(cfg.out))
+    if folder.checkpoint.exists() and not resume:
+        raise UserError(f"{folder.path} already holds a run; add --resume to continue it, "
+                        "or choose another --out")
+    if resume and not folder.checkpoint.exists():
+        raise UserError(f"--resume: no checkpoint in {folder.path}")
+    trainer = Trainer.build(cfg, rank=rank, world=world, device=device)
+    if resume:
+        trainer.load_state_dict(Checkpoint.load(folder.checkpoint))
+    elif cfg.init_from:
+        trainer.init_from(cfg.init_from)
+    if cfg.compile:
+        trainer.trainee.backbone = torch.compile(trainer.trainee.backbone)
+    if world > 1:
+        trainer.model = nn.parallel.DistributedDataParallel(trainer.trainee)
+    main = rank == 0
+    start = trainer.iteration
+    callbacks = []
+    if main:
+        folder.path.mkdir(parents=True, exist_ok=True)
+        folder.config.write_text(to_toml(cfg), encoding="utf-8")
+        log = LogFile(folder.log, cfg, world, start)
+        display = Display(log, cfg.max_iter, start, progress)
+        watch = StallWatch(trainer.num_classes, start + max(cfg.warmup, 100), cfg.on_stall,
+                           (log.note, display.note))
+        callbacks = [log, display, watch]
+        precision = "fp32" if trainer.amp_dtype is None else str(trainer.amp_dtype)[6:]
+        note = (f"{len(trainer.items)} images, {trainer.num_classes} identities"
+                + (f", {trainer.missing} missing images skipped" if trainer.missing else "")
+                + f"; {cfg.arch} + {cfg.head} on {world} x {device} ({precision}); batch {cfg.batch_size} x "
+                  f"{world} = {cfg.batch_size * world} per iteration; iterations {start}..{cfg.max_iter}")
+        log.note(note)
+        display.note(note)
+    sampler = EpochBatches(len(trainer.items), cfg.batch_size, world, rank, cfg.seed, start, cfg.max_iter)
+    # A finished run that is resumed only re-exports its model: no data to load.
+    data = (batches(trainer.items, sampler, cfg.workers, cfg.cache, pin=device.type == "cuda")
+            if start < cfg.max_iter else iter(()))
+    interrupted = []
+
+    def on_interrupt(*_):
+        if interrupted:  # a second Ctrl-C does not wait for the checkpoint
+            raise KeyboardInterrupt
+        interrupted.append(1)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
+    trainer.model.train()
+    try:
+        trainer.run(data, callbacks, lambda: bool(interrupted))
+    except Stopped as e:
+        if main:
+            log.note(f"stopped: {e}")
+        raise
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+        for cb in callbacks:
+            cb.close()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if main:
+        trainer.model_file().save(folder.model)
+        return log.last
+    return {}
 
 
 def launch(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:

@@ -6,14 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from spherecli import UserError
-from spherecli.losses import HEADS, ASoftmax, ArcFace, CosFace, create_head, psi
+from spherecli.losses import ASoftmax, ArcFace, CosFace, Softmax, create_head, psi
+from spherecli.registry import HEADS
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_target_logit_is_the_piecewise_psi_on_every_branch(m):
     """(lambda |x| cos + |x| psi) / (1 + lambda), psi = (-1)^k cos(m theta) - 2k on [k pi/m, (k+1) pi/m]."""
     torch.manual_seed(m)
-    head = ASoftmax(2, 3, m=m, base=3.0, gamma=0.0, lambda_min=0.0).double().eval()  # lambda = 3
+    # lambda = 3 throughout
+    head = ASoftmax(2, 3, margin=m, lambda_base=3.0, lambda_gamma=0.0, lambda_min=0.0).double().eval()
     w0 = F.normalize(head.weight[0].detach(), dim=0)
     # Angles across all m branches (avoiding the exact boundaries), radius 2.5.
     theta = torch.tensor([(k + f) * math.pi / m for k in range(m) for f in (0.1, 0.5, 0.9)],
@@ -44,7 +46,7 @@ def test_lambda_schedule_at_known_iterations():
     assert head.lambda_at(100) == pytest.approx(1000 / 13)
     assert head.lambda_at(1658) == pytest.approx(1000 / (1 + 0.12 * 1658))
     assert head.lambda_at(1659) == 5.0 and head.lambda_at(28000) == 5.0
-    held = ASoftmax(4, 3, hold=400)
+    held = ASoftmax(4, 3, lambda_hold=400)
     assert held.lambda_at(400) == 1000 and held.lambda_at(401) == pytest.approx(1000 / 1.12)
     # Training forwards count iterations from 1, as the original increments before use.
     x, y = torch.randn(2, 4), torch.tensor([0, 1])
@@ -82,7 +84,8 @@ def test_original_backward_matches_the_hand_derived_caffe_gradient(angle):
     w = np.array([[1.0, 0.0, 0.0], [0.2, 1.5, -0.3], [-0.7, 0.1, 0.9]])
     x = 2.0 * np.array([math.cos(angle), math.sin(angle), 0.4])
     top_diff = np.array([0.3, -0.8, 0.5])
-    head = ASoftmax(3, 3, m=4, base=7.0, gamma=0.0, lambda_min=0.0, backward="original").double().eval()
+    head = ASoftmax(3, 3, margin=4, lambda_base=7.0, lambda_gamma=0.0, lambda_min=0.0,
+                    backward="original").double().eval()
     with torch.no_grad():
         head.weight.copy_(torch.from_numpy(w))
     xt = torch.tensor(x[None], requires_grad=True)
@@ -98,23 +101,27 @@ def test_original_backward_matches_the_hand_derived_caffe_gradient(angle):
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_exact_backward_is_the_true_gradient(m):
     torch.manual_seed(0)
-    head = ASoftmax(6, 4, m=m, base=2.0, gamma=0.0, lambda_min=0.0, backward="exact").double().eval()
+    head = ASoftmax(6, 4, margin=m, lambda_base=2.0, lambda_gamma=0.0, lambda_min=0.0,
+                    backward="exact").double().eval()
     x = torch.randn(5, 6, dtype=torch.double, requires_grad=True)
     y = torch.randint(0, 4, (5,))
     assert torch.autograd.gradcheck(lambda x: head(x, y), (x,))
     # Both modes give the same forward values.
-    original = ASoftmax(6, 4, m=m, base=2.0, gamma=0.0, lambda_min=0.0, backward="original").double().eval()
+    original = ASoftmax(6, 4, margin=m, lambda_base=2.0, lambda_gamma=0.0, lambda_min=0.0,
+                        backward="original").double().eval()
     original.load_state_dict(head.state_dict())
     torch.testing.assert_close(original(x, y), head(x, y))
 
 
-@pytest.mark.parametrize("name", list(HEADS))
-@pytest.mark.parametrize("backward", ["original", "exact"])
-def test_no_nan_for_zero_features_or_cos_at_plus_minus_one(name, backward):
+@pytest.mark.parametrize("name, settings", [(name, {}) for name in HEADS.names if name != "asoftmax"]
+                         + [("asoftmax", {"backward": b}) for b in ("original", "exact")])
+def test_no_nan_for_zero_features_or_cos_at_plus_minus_one(name, settings):
     torch.manual_seed(0)
-    head = create_head(name, 4, 3, backward=backward)
+    head = create_head(name, 4, 3, **settings)
+    # Class weights along the axes: the features below sit at cos = 1 and cos = -1 to them.
+    weight = head.fc.weight if isinstance(head, Softmax) else head.weight
     with torch.no_grad():
-        head.weight.copy_(torch.eye(3, 4)) if hasattr(head, "weight") else None
+        weight.copy_(torch.eye(3, 4))
     x = torch.tensor([[0.0, 0, 0, 0], [2.0, 0, 0, 0], [-3.0, 0, 0, 0], [0, 1e-30, 0, 0]],
                      requires_grad=True)
     y = torch.tensor([0, 0, 0, 1])
@@ -130,8 +137,8 @@ def test_no_nan_for_zero_features_or_cos_at_plus_minus_one(name, backward):
 def test_cosface_and_arcface_margins():
     torch.manual_seed(0)
     x, y = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
-    cos_head = CosFace(8, 3, s=30.0, m=0.35)
-    arc_head = ArcFace(8, 3, s=30.0, m=0.5)
+    cos_head = CosFace(8, 3, scale=30.0, margin=0.35)
+    arc_head = ArcFace(8, 3, scale=30.0, margin=0.5)
     arc_head.weight = cos_head.weight
     cos = F.normalize(x) @ F.normalize(cos_head.weight).t()
     target = cos.gather(1, y[:, None])[:, 0]
@@ -146,6 +153,16 @@ def test_cosface_and_arcface_margins():
 
 def test_bad_head_options():
     with pytest.raises(UserError, match="1, 2, 3 or 4"):
-        create_head("asoftmax", 4, 3, m=1.5)
+        create_head("asoftmax", 4, 3, margin=1.5)
     with pytest.raises(UserError, match="unknown head"):
         create_head("sphereloss", 4, 3)
+    with pytest.raises(UserError, match=r"cosface head does not take lambda_hold \(it takes: scale, "):
+        create_head("cosface", 4, 3, lambda_hold=400)
+
+
+def test_every_head_setting_is_a_training_option():
+    """The flags and [head] keys of config.HEAD_SETTINGS are exactly what the heads take."""
+    from spherecli.config import HEAD_SETTINGS, head_options
+
+    taken = {option for name in HEADS.names for option in head_options(name)}
+    assert taken == set(HEAD_SETTINGS)

@@ -5,7 +5,8 @@ import torch
 
 from spherecli.models import count_parameters, create_model
 from spherecli.registry import NETWORKS
-from spherecli.train import param_groups
+from spherecli.losses import create_head
+from spherecli.train import Trainee
 
 
 @pytest.mark.parametrize("arch", NETWORKS.names)
@@ -55,11 +56,10 @@ def test_original_initialisation():
 
 
 def test_biases_get_double_lr_and_no_decay():
-    model = create_model("sphere4")
-    groups = param_groups(model, 5e-4, caffe_rules=True)
-    decay, bias = groups
+    model = Trainee(create_model("sphere4"), create_head("softmax", 512, 10))
+    decay, bias = model.param_groups(5e-4, caffe_rules=True)
     assert (decay["lr_mult"], decay["weight_decay"]) == (1.0, 5e-4)
     assert (bias["lr_mult"], bias["weight_decay"]) == (2.0, 0.0)
-    assert len(bias["params"]) == 5  # four stage convolutions and fc5
-    plain = param_groups(model, 5e-4, caffe_rules=False)
+    assert len(bias["params"]) == 6  # four stage convolutions, fc5 and the softmax layer
+    plain = model.param_groups(5e-4, caffe_rules=False)
     assert len(plain) == 1 and len(plain[0]["params"]) == len(list(model.parameters()))

@@ -10,12 +10,13 @@ import torch
 
 from spherecli import UserError
 from spherecli.config import TrainConfig, load_config, resolve, to_toml
-from spherecli.report import read_log
-from spherecli.train import Log, Stopped, launch, learning_rate, train
+from spherecli.data import EpochBatches, batches
+from spherecli.formats import Checkpoint, read_log
+from spherecli.train import StallWatch, Stopped, Trainer, launch, learning_rate, train
 
 
-def run_cfg(celeba_list, out, **kw):
-    base = dict(list=str(celeba_list), out=str(out), arch="sphere4", batch_size=32, workers=0,
+def run_cfg(train_list, out, **kw):
+    base = dict(list=str(train_list), out=str(out), arch="sphere4", batch_size=32, workers=0,
                 cache=True, display=5, snapshot=1000, device="cpu", lr=0.01, lr_steps=(0.8,),
                 max_iter=40)
     base.update(kw)
@@ -31,8 +32,8 @@ def weights(path):
 
 
 @pytest.mark.parametrize("head", ["softmax", "asoftmax"])
-def test_short_real_training_run_lowers_the_loss(celeba_list, tmp_path, head):
-    cfg = run_cfg(celeba_list, tmp_path / head, head=head, max_iter=60, warmup=10, clip_grad=5)
+def test_short_training_run_lowers_the_loss(synthetic_list, tmp_path, head):
+    cfg = run_cfg(synthetic_list, tmp_path / head, head=head, max_iter=60, warmup=10, clip_grad=5)
     summary = launch(cfg)
     rows = log_rows(tmp_path / head)
     assert [r["iter"] for r in rows] == list(range(5, 61, 5))
@@ -53,8 +54,8 @@ def test_short_real_training_run_lowers_the_loss(celeba_list, tmp_path, head):
     assert saved == cfg
 
 
-def test_killed_run_resumes_onto_the_uninterrupted_curve(celeba_list, tmp_path):
-    options = ["--list", str(celeba_list), "--arch", "sphere4", "--batch-size", "16", "--workers",
+def test_killed_run_resumes_onto_the_uninterrupted_curve(synthetic_list, tmp_path):
+    options = ["--list", str(synthetic_list), "--arch", "sphere4", "--batch-size", "16", "--workers",
                "0", "--cache", "--display", "1", "--snapshot", "5", "--max-iter", "60",
                "--device", "cpu", "--lr", "0.01", "--lr-steps", "30", "-q"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
@@ -80,16 +81,16 @@ def test_killed_run_resumes_onto_the_uninterrupted_curve(celeba_list, tmp_path):
     for k, v in weights(whole / "model.pt").items():
         torch.testing.assert_close(weights(broken / "model.pt")[k], v, rtol=1e-5, atol=1e-6)
     # Curves and summaries see each iteration once, the redone ones as redone.
-    rows = read_log(broken)
+    rows = read_log(broken / "log.jsonl")
     assert [r["iter"] for r in rows] == list(range(1, 61))
     assert all(r["loss"] == resumed[r["iter"]] for r in rows if r["iter"] > killed_at)
 
 
-def test_two_gloo_processes_make_the_update_of_one_process_on_both_batches(celeba_list, tmp_path):
+def test_two_gloo_processes_make_the_update_of_one_process_on_both_batches(synthetic_list, tmp_path):
     common = dict(amp="none", lr=0.1, lr_steps=(100,), display=1, seed=3)
-    launch(run_cfg(celeba_list, tmp_path / "init", batch_size=16, max_iter=0, **common))
-    launch(run_cfg(celeba_list, tmp_path / "one", batch_size=16, max_iter=2, **common))
-    launch(run_cfg(celeba_list, tmp_path / "two", batch_size=8, nproc=2, max_iter=2, **common))
+    launch(run_cfg(synthetic_list, tmp_path / "init", batch_size=16, max_iter=0, **common))
+    launch(run_cfg(synthetic_list, tmp_path / "one", batch_size=16, max_iter=2, **common))
+    launch(run_cfg(synthetic_list, tmp_path / "two", batch_size=8, nproc=2, max_iter=2, **common))
     init = weights(tmp_path / "init" / "model.pt")
     one, two = weights(tmp_path / "one" / "model.pt"), weights(tmp_path / "two" / "model.pt")
     assert not torch.equal(one["fc5.weight"], init["fc5.weight"]), "two steps at lr 0.1 must move"
@@ -99,30 +100,37 @@ def test_two_gloo_processes_make_the_update_of_one_process_on_both_batches(celeb
                                                                   rel=1e-4)
 
 
-def test_diverging_loss_stops_with_the_last_good_checkpoint(celeba_list, tmp_path):
-    cfg = run_cfg(celeba_list, tmp_path / "nan", head="softmax", amp="none", lr=0.01,
+def test_diverging_loss_stops_and_says_what_is_saved(synthetic_list, tmp_path):
+    cfg = run_cfg(synthetic_list, tmp_path / "nan", head="softmax", amp="none", lr=0.01,
                   lr_steps=(6,), lr_factor=1e6, display=1, snapshot=3, max_iter=40)
-    with pytest.raises(Stopped, match="loss became"):
+    with pytest.raises(Stopped, match=r"loss became nan by iteration \d+; the last good checkpoint, "
+                                      r"iteration [3-9]\d*, is kept in"):
         train(cfg)
     state = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
     assert 3 <= state["iteration"] < 40
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (tmp_path / "nan" / "model.pt").exists()
+    assert "stopped: loss became nan" in (tmp_path / "nan" / "log.jsonl").read_text()
+    # Before the first snapshot there is nothing to resume from, and it says so.
+    early = run_cfg(synthetic_list, tmp_path / "early", head="softmax", amp="none", lr=0.01,
+                    lr_steps=(2,), lr_factor=1e6, display=1, snapshot=1000, max_iter=40)
+    with pytest.raises(Stopped, match="no checkpoint was written yet"):
+        train(early)
 
 
-def test_init_from_copies_the_network_and_checks_its_shape(celeba_list, tmp_path):
-    launch(run_cfg(celeba_list, tmp_path / "soft", head="softmax", max_iter=5))
-    launch(run_cfg(celeba_list, tmp_path / "fine", head="asoftmax", max_iter=0,
+def test_init_from_copies_the_network_and_checks_its_shape(synthetic_list, tmp_path):
+    launch(run_cfg(synthetic_list, tmp_path / "soft", head="softmax", max_iter=5))
+    launch(run_cfg(synthetic_list, tmp_path / "fine", head="asoftmax", max_iter=0,
                    init_from=str(tmp_path / "soft" / "model.pt")))
     for k, v in weights(tmp_path / "soft" / "model.pt").items():
         assert torch.equal(weights(tmp_path / "fine" / "model.pt")[k], v)
     with pytest.raises(UserError, match="does not match sphere10"):
-        launch(run_cfg(celeba_list, tmp_path / "bad", arch="sphere10", max_iter=0,
+        launch(run_cfg(synthetic_list, tmp_path / "bad", arch="sphere10", max_iter=0,
                        init_from=str(tmp_path / "soft" / "model.pt")))
 
 
-def test_list_errors_name_the_line(celeba_list, tmp_path):
-    lines = celeba_list.read_text().splitlines()
+def test_list_errors_name_the_line(synthetic_list, tmp_path):
+    lines = synthetic_list.read_text().splitlines()
     broken = tmp_path / "broken.txt"
     broken.write_text("\n".join(lines[:3] + [lines[3].rsplit(" ", 1)[0]] + lines[4:]) + "\n")
     with pytest.raises(UserError, match=r"broken\.txt:4: expected"):
@@ -145,13 +153,79 @@ def test_config_file_flags_and_resume_resolution(tmp_path):
     assert load_config(None, {"lr_steps": "16000,24000"}).lr_steps == (16000, 24000)
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.toml").write_text(to_toml(cfg))
-    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"")
     again, resuming = resolve(None, {"out": str(tmp_path / "r"), "max_iter": 99}, resume=True)
-    assert resuming and again.lr == 0.05 and again.max_iter == 99
+    assert not resuming and again.lr == 0.05 and again.max_iter == 99, "config read, no checkpoint yet"
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"")
+    assert resolve(None, {"out": str(tmp_path / "r")}, resume=True)[1]
     with pytest.raises(UserError, match="unknown training option"):
         load_config(None, {"learning_rate": 1})
-    with pytest.raises(UserError, match="head must be one of"):
+    with pytest.raises(UserError, match="head: expected one of"):
         load_config(None, {"head": "triplet"})
+
+
+def test_head_settings_belong_to_the_head(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('arch = "sphere4"\n[head]\ntype = "asoftmax"\nmargin = 3\nlambda_hold = 400\n')
+    cfg = load_config(recipe)
+    assert (cfg.head, cfg.head_args) == ("asoftmax", {"margin": 3.0, "lambda_hold": 400})
+    assert load_config(tmp_path / "r.toml") == cfg
+    (tmp_path / "saved.toml").write_text(to_toml(cfg))
+    assert load_config(tmp_path / "saved.toml") == cfg
+    # Another head on the command line drops the recipe's A-Softmax settings...
+    assert load_config(recipe, {"head": {"type": "softmax"}}).head_args == {}
+    # ...but a setting given with it must be one it takes.
+    with pytest.raises(UserError, match=r"cosface head does not take lambda_hold \(it takes: scale, "):
+        load_config(None, {"head": {"type": "cosface", "lambda_hold": 400}})
+    # Recipes and run configs from before the [head] table read the same.
+    old = tmp_path / "old.toml"
+    old.write_text('head = "cosface"\nmargin = 0.4\nlambda_base = 1000.0\nlambda_hold = 0\n'
+                   'backward = "exact"\n')
+    assert load_config(old).head_args == {"margin": 0.4}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_size = 16.5\n", "batch_size: expected a whole number, got 16.5"),
+    ('lr_steps = "abc"\n', "lr_steps: expected iterations"),
+    ('cache = "false"\n', "cache: expected true or false"),
+    ("batch-size = 16\n", "unknown training option 'batch-size' \\(did you mean batch_size\\?\\)"),
+    ("batch_size = 0\n", "batch_size must be above 0"),
+    ("[head]\ntype = \"asoftmax\"\nmargn = 3\n", "unknown training option 'margn' \\(did you mean margin"),
+])
+def test_bad_recipe_values_name_the_file(tmp_path, text, message):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(text)
+    with pytest.raises(UserError, match=f"bad.toml: {message}"):
+        load_config(recipe)
+
+
+def test_trainer_state_round_trip_continues_exactly(synthetic_list, tmp_path):
+    """A checkpoint taken mid-run and loaded into a fresh trainer makes the same next steps."""
+    cfg = run_cfg(synthetic_list, tmp_path / "t", batch_size=16, amp="none", max_iter=6)
+
+    def data(start):
+        trainer_items = Trainer.build(cfg).items
+        return batches(trainer_items, EpochBatches(len(trainer_items), 16, start=start, stop=6), 0, True)
+
+    a = Trainer.build(cfg)
+    stream = data(0)
+    for _ in range(3):
+        a.step(*next(stream))
+    a.save()
+    losses = [a.step(*next(stream))[0].item() for _ in range(3)]
+    b = Trainer.build(cfg)
+    b.load_state_dict(Checkpoint.load(tmp_path / "t" / "checkpoint.pt"))
+    assert b.iteration == 3
+    stream = data(3)
+    assert [b.step(*next(stream))[0].item() for _ in range(3)] == losses
+
+
+def test_trainer_run_stops_on_interrupt_with_a_checkpoint(synthetic_list, tmp_path):
+    cfg = run_cfg(synthetic_list, tmp_path / "i", batch_size=16, display=100, max_iter=50)
+    trainer = Trainer.build(cfg)
+    sampler = EpochBatches(len(trainer.items), 16, stop=50)
+    with pytest.raises(Stopped, match="interrupted: iteration 7 is saved"):
+        trainer.run(batches(trainer.items, sampler, 0, True), interrupted=lambda: trainer.iteration >= 7)
+    assert Checkpoint.load(tmp_path / "i" / "checkpoint.pt").iteration == 7
 
 
 def test_learning_rate_schedule():
@@ -163,19 +237,27 @@ def test_learning_rate_schedule():
     assert learning_rate(warm, 599) == pytest.approx(0.1) and learning_rate(warm, 600) == pytest.approx(0.01)
 
 
-def test_stall_watch_flags_a_collapsing_run(tmp_path):
-    log = Log(tmp_path / "log.jsonl", TrainConfig(max_iter=1000), num_classes=998, world=1,
-              start=0, show=False)
+def test_stall_watch_flags_a_collapsing_run():
     chance = math.log(998)
-    assert log.record(20, chance, 0.0, 1.6, 0.1, 900.0) is None
-    assert log.record(60, chance, 0.0, 0.3, 0.1, 600.0) is None  # too early to judge
-    verdict = log.record(120, chance - 0.01, 0.0, 0.1, 0.1, 400.0)
+    watch = StallWatch(998, settle=100, action="warn")
+    assert watch.verdict(20, chance, 1.6) is None
+    assert watch.verdict(60, chance, 0.3) is None  # too early to judge
+    verdict = watch.verdict(120, chance - 0.01, 0.1)
     assert verdict and "--lambda-hold" in verdict and "--init-from" in verdict
-    exploding = Log(tmp_path / "log3.jsonl", TrainConfig(max_iter=1000), 998, 1, 0, False)
-    exploding.record(20, chance, 0.0, 5.0, 0.1, 900.0)
-    assert exploding.record(200, 3.0, 0.4, 60.0, 0.1, 40.0) is None
-    verdict = exploding.record(700, 2 * chance, 0.3, 4500.0, 0.1, 7.0)
+    exploding = StallWatch(998, 100, "warn")
+    exploding.verdict(20, chance, 5.0)
+    assert exploding.verdict(200, 3.0, 60.0) is None
+    verdict = exploding.verdict(700, 2 * chance, 4500.0)
     assert verdict and "unstable" in verdict and "--backward exact" in verdict
-    healthy = Log(tmp_path / "log2.jsonl", TrainConfig(max_iter=1000), 998, 1, 0, False)
-    healthy.record(20, chance, 0.0, 1.6, 0.1, 900.0)
-    assert healthy.record(200, 4.0, 0.2, 1.5, 0.1, 100.0) is None
+    healthy = StallWatch(998, 100, "warn")
+    healthy.verdict(20, chance, 1.6)
+    assert healthy.verdict(200, 4.0, 1.5) is None
+    # warn: a note and training goes on; stop: the reason ends the run.
+    notes = []
+    warner = StallWatch(998, 100, "warn", (notes.append,))
+    stopper = StallWatch(998, 100, "stop")
+    for w in (warner, stopper):
+        w.report({"iter": 20, "loss": chance, "feature_norm": 1.6})
+    row = {"iter": 120, "loss": chance, "feature_norm": 0.1}
+    assert warner.report(row) is None and len(notes) == 1
+    assert "stalled" in stopper.report(row)
