@@ -22,7 +22,10 @@ from pathlib import Path
 
 from spherecli.detect import select_face
 from spherecli.images import decode
-from spherecli.recognize import Calibration, FaceEmbedder, gallery, identify, templates
+from spherecli.calibration import Calibration
+from spherecli.gallery import gallery, templates
+from spherecli.identify import identify
+from spherecli.recognize import FaceEmbedder
 
 DATA = Path(os.environ.get("SPHERECLI_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from spherecli import UserError
 from spherecli.formats import is_manifest, read_landmark_file, read_manifest
-from spherecli.images import decode, describe_error, encode, write_atomic
+from spherecli.images import decode, describe_error, encode, is_image_name, write_atomic
 from spherecli.parallel import cpu_count, map_batches
-from spherecli.registry import REFERENCES
+from spherecli.registry import NO_FACE_RULES, REFERENCES
 
 # The original's reference points for a 112 (rows) x 96 (columns) crop, (x, y).
 REFERENCE_112x96 = np.array(REFERENCES["sphereface"][1], dtype=np.float64)
@@ -92,6 +92,9 @@ def _records(source: Path, root: str | None):
     """(root, records) of a manifest or a landmark text file."""
     if not source.is_file():
         raise UserError(f"{source}: no such file")
+    if is_image_name(source.name):
+        raise UserError(f"{source} is a photo; align reads the landmarks that `sphereface detect "
+                        "FOLDER` writes (FOLDER.landmarks.jsonl), or a landmark text file")
     if is_manifest(source):
         header, records = read_manifest(source)
         return (root or header["root"]), header["settings"].get("exif", True), records
@@ -125,20 +128,29 @@ def _align_batch(batch: list[tuple[str, bool, str, list]]) -> list[tuple[str, st
     return results
 
 
-def align_manifests(sources: list[str | Path], out: str | Path, *, root: str | None = None,
-                    size: tuple[int, int] = (112, 96), reference: str = "sphereface", jpeg_quality: int = 95,
-                    workers: int | None = None, overwrite: bool = False,
+def default_output(source: Path, root: str | None, size: tuple[int, int], reference: str) -> Path:
+    """<image root>-112X96, as the original names its aligned trees (other references are named)."""
+    if root is None and not (source.is_file() and is_manifest(source)):
+        raise UserError("pass -o OUTPUT: landmark text files do not say where their images are")
+    base = str(root or read_manifest(source)[0]["root"]).rstrip("/")
+    return Path(f"{base}-{size[0]}X{size[1]}" + ("" if reference == "sphereface" else f"-{reference}"))
+
+
+def align_manifests(sources: list[str | Path], out: str | Path | None = None, *, root: str | None = None,
+                    size: tuple[int, int] | None = None, reference: str = "sphereface",
+                    jpeg_quality: int = 95, workers: int | None = None, overwrite: bool = False,
                     no_face: str = "skip", progress: bool = True) -> dict:
     """Align every face with landmarks in the given manifests or landmark files into out.
 
     Images where detection found no face are skipped and counted (the
     original's rule), or with no_face="mean" cropped at the mean landmark
-    position of the source's other images, scaled to the image: for
+    position of the same source's images, scaled to the image: for
     benchmark sets of similar framing (LFW) where every image must be scored.
     """
-    if no_face not in ("skip", "mean"):
-        raise UserError(f"no_face must be 'skip' or 'mean', got {no_face!r}")
-    out = Path(out)
+    if no_face not in NO_FACE_RULES:
+        raise UserError(f"no_face must be one of {', '.join(NO_FACE_RULES)}, got {no_face!r}")
+    size = size or REFERENCES[reference][0]
+    out = Path(out) if out is not None else default_output(Path(sources[0]), root, size, reference)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -155,21 +167,26 @@ def align_manifests(sources: list[str | Path], out: str | Path, *, root: str | N
 
     for source in sources:
         src_root, exif, records = _records(Path(source), root)
-        relative_sum, faceless = np.zeros((5, 2)), []
+        # Where faces sit in this source's images, as fractions of the image size.
+        relative_sum, sized, faceless = np.zeros((5, 2)), 0, []
         for rec in records:
             if rec["status"] == "ok" and rec.get("landmarks"):
                 counts["faces"] += 1
                 add(src_root, exif, rec["path"], rec["landmarks"])
                 if "width" in rec:
                     relative_sum += np.array(rec["landmarks"]) / (rec["width"], rec["height"])
-            elif no_face == "mean" and rec["status"] == "no_face" and counts["faces"]:
+                    sized += 1
+            elif no_face == "mean" and rec["status"] == "no_face":
                 faceless.append(rec)
             else:
                 counts["no_landmarks"] += 1
-        mean = relative_sum / max(counts["faces"], 1)
+        if faceless and not sized:
+            counts["no_landmarks"] += len(faceless)  # no face in this source to take the mean of
+            faceless = []
         for rec in faceless:
             counts["mean_landmarks"] += 1
-            add(src_root, exif, rec["path"], (mean * (rec["width"], rec["height"])).tolist())
+            mean = relative_sum / sized * (rec["width"], rec["height"])
+            add(src_root, exif, rec["path"], mean.tolist())
 
     batches = [todo[i:i + 64] for i in range(0, len(todo), 64)]
     workers = 1 if len(batches) < 2 else (workers or cpu_count())
@@ -188,7 +205,10 @@ def align_manifests(sources: list[str | Path], out: str | Path, *, root: str | N
                     errors.append(f"{rel}: {outcome.removeprefix('error: ')}")
             bar.update(len(batch))
     seconds = time.perf_counter() - start
-    counts.update(seconds=round(seconds, 2),
+    if todo and not counts["aligned"]:
+        raise UserError(f"none of the {len(todo)} images could be aligned ({errors[0]}); "
+                        "are the images where the manifest's root or --root says?")
+    counts.update(output=str(out), seconds=round(seconds, 2),
                   images_per_s=round(counts["aligned"] / seconds, 1) if counts["aligned"] else 0.0,
                   errors=errors[:20])
     return counts

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from spherecli import UserError
-from spherecli.formats import InputSpec, ModelFile, torch_load
+from spherecli.formats import InputSpec, ModelFile, parse_input_spec, torch_load
 from spherecli.models import build_from
 from spherecli.models.sphereface import UNITS
 from spherecli.registry import IMPORT_FORMATS
@@ -257,8 +257,9 @@ def detect_format(path: Path) -> str:
 
 
 def import_model(source: str | Path, output: str | Path, *, fmt: str | None = None,
-                 prototxt: str | Path | None = None, input_spec: InputSpec | None = None) -> dict:
-    """Convert a published model into a spherecli model file; returns what was made."""
+                 prototxt: str | Path | None = None, input_spec: str | None = None) -> dict:
+    """Convert a published model into a spherecli model file; returns what was made.
+    input_spec (a preset, JSON file or key=value pairs) overrides what the format implies."""
     source = Path(source)
     if not source.is_file():
         raise UserError(f"{source}: no such file")
@@ -277,7 +278,7 @@ def import_model(source: str | Path, output: str | Path, *, fmt: str | None = No
             raise UserError(f"{source}: --format {kind} is for .caffemodel files")
         file = (from_sphere20a if kind == "sphere20a" else from_mobilefacenet)(source, tensors)
     if input_spec is not None:
-        file.input = input_spec
+        file.input = parse_input_spec(input_spec)
     net = build_from(file, str(source))
     with torch.no_grad():
         probe = net(torch.zeros(1, 3, *file.input.size))

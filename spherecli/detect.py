@@ -50,7 +50,12 @@ class DetectSettings:
     border: str = "redetect"                # faces reaching past the frame: see FaceDetector.detect
 
     def __post_init__(self):
-        self.thresholds = tuple(float(t) for t in self.thresholds)
+        try:
+            values = self.thresholds.split(",") if isinstance(self.thresholds, str) else self.thresholds
+            self.thresholds = tuple(float(t) for t in values)
+        except ValueError:
+            raise UserError(f"--thresholds: expected three comma-separated numbers, got "
+                            f"{self.thresholds!r}") from None
         if self.select not in SELECT_RULES:
             raise UserError(f"--select must be one of {', '.join(SELECT_RULES)}")
         if self.border not in BORDER_MODES:
@@ -300,17 +305,34 @@ def _resume_state(manifest: Path, header: dict, retry_errors: bool) -> set[str]:
             if not (retry_errors and status == "error")}
 
 
-def detect_tree(root: str | Path, manifest: str | Path, settings: DetectSettings | None = None, *,
-                device: str = "cpu", batch_size: int = 16, workers: int | None = None,
-                shard: tuple[int, int] | None = None, strict: bool = False,
+def parse_shard(text: str | tuple | None) -> tuple[int, int] | None:
+    """'K/N' -> (K, N): the K-th of N parts."""
+    if text is None or isinstance(text, tuple):
+        shard = text
+    else:
+        try:
+            shard = tuple(int(v) for v in text.split("/"))
+        except ValueError:
+            shard = ()
+        if len(shard) != 2:
+            raise UserError(f"--shard: expected K/N, e.g. 1/4, got {text!r}")
+    if shard is not None and not 1 <= shard[0] <= shard[1]:
+        raise UserError(f"--shard {shard[0]}/{shard[1]}: K must be between 1 and N")
+    return shard
+
+
+def detect_tree(root: str | Path, manifest: str | Path | None = None, settings: DetectSettings | None = None,
+                *, device: str = "cpu", batch_size: int = 16, workers: int | None = None,
+                shard: str | tuple[int, int] | None = None, strict: bool = False,
                 retry_errors: bool = False, progress: bool = True) -> dict:
-    """Detect faces in every image under root, appending to manifest. Returns the summary."""
+    """Detect faces in every image under root, appending to manifest (by default
+    ROOT.landmarks.jsonl). Returns the summary, with the manifest's path."""
     settings = settings or DetectSettings()
-    root, manifest = Path(root), Path(manifest)
+    root = Path(root)
+    manifest = Path(manifest or str(root).rstrip("/") + ".landmarks.jsonl")
     if not root.is_dir():
         raise UserError(f"{root}: no such directory")
-    if shard is not None and not (1 <= shard[0] <= shard[1]):
-        raise UserError(f"--shard {shard[0]}/{shard[1]}: K must be between 1 and N")
+    shard = parse_shard(shard)
     header_settings = settings.as_json() | ({"shard": f"{shard[0]}/{shard[1]}"} if shard else {})
     header = manifest_header(root, header_settings)
     done = _resume_state(manifest, header, retry_errors)
@@ -341,7 +363,7 @@ def detect_tree(root: str | Path, manifest: str | Path, settings: DetectSettings
         summary.update(new=written, seconds=round(seconds, 2),
                        images_per_s=round(written / seconds, 2) if written else 0.0)
         writer.write([{"type": "summary", **summary}])
-        return summary
+        return {"manifest": str(manifest), **summary}
     finally:
         bar.close()
         writer.close()

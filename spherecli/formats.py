@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -20,6 +21,22 @@ from spherecli import UserError, __version__
 MANIFEST_FORMAT = "spherecli.manifest"
 MANIFEST_VERSION = 1
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
+
+
+# --------------------------------------------------------------------------- outputs
+
+def writable(path: str | Path) -> Path:
+    """An output file's path, its folder made and checked before any work is done for it."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {path}: permission denied")
+    return path
 
 
 # --------------------------------------------------------------------------- JSON Lines
@@ -172,6 +189,9 @@ def read_landmark_file(path: str | Path) -> Iterator[dict]:
 
 # --------------------------------------------------------------------------- training list
 
+LIST_LINE = re.compile(r"^(.*?\S)[ \t]+(-?\d+)[ \t]*$")
+
+
 def write_list(path: str | Path, items: Iterable[tuple[str, int]]) -> None:
     text = "".join(f"{p} {label}\n" for p, label in items)
     tmp = Path(str(path) + ".tmp")
@@ -190,19 +210,22 @@ def read_list(path: str | Path, root: str | Path | None = None) -> list[tuple[st
     except OSError as e:
         raise UserError(f"cannot read list {path}: {e.strerror or e}") from None
     with f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            fields = line.rsplit(None, 1)
-            if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
-                raise UserError(f"{path}:{lineno}: expected '<image path> <integer label>', "
-                                f"got {line[:80]!r}")
-            label = int(fields[1])
-            if label < 0:
-                raise UserError(f"{path}:{lineno}: labels start at 0, got {label}")
-            p = fields[0]
-            items.append((p if os.path.isabs(p) else str(base / p), label))
+        try:
+            for lineno, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if not line.strip() or line.startswith("#"):
+                    continue
+                # The label is the last field; the path is everything before it, spaces and all.
+                match = LIST_LINE.match(line)
+                if match is None:
+                    raise UserError(f"{path}:{lineno}: expected '<image path> <integer label>', "
+                                    f"got {line[:80]!r}")
+                p, label = match.group(1), int(match.group(2))
+                if label < 0:
+                    raise UserError(f"{path}:{lineno}: labels start at 0, got {label}")
+                items.append((p if os.path.isabs(p) else str(base / p), label))
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a text file of '<image path> <label>' lines") from None
     if not items:
         raise UserError(f"{path}: the list is empty")
     return items

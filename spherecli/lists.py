@@ -15,22 +15,29 @@ from spherecli.images import identity_of, walk_images
 # CASIA-WebFace identities that are also in LFW; the original drops them so
 # that LFW stays unseen.
 CASIA_LFW_OVERLAP = ("0166921", "1056413", "1193098")
+CASIA_LFW = "casia-lfw"
 
 
 def read_exclusions(values: list[str]) -> set[str]:
-    """Identity names, given directly or as files of names (one per line)."""
+    """Identity names, given directly, comma-separated, or as files of names (one per line);
+    the token casia-lfw stands for the CASIA-WebFace identities that overlap LFW."""
     names = set()
     for value in values:
         if os.path.isfile(value):
-            with open(value, encoding="utf-8") as f:
-                names.update(line.strip() for line in f if line.strip() and not line.startswith("#"))
+            try:
+                with open(value, encoding="utf-8") as f:
+                    names.update(line.strip() for line in f if line.strip() and not line.startswith("#"))
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"--exclude {value}: cannot read it as a file of names ({e})") from None
         else:
-            names.update(v for v in value.split(",") if v)
+            names.update(v.strip() for v in value.split(",") if v.strip())
+    if CASIA_LFW in names:
+        names = (names - {CASIA_LFW}) | set(CASIA_LFW_OVERLAP)
     return names
 
 
-def build_list(aligned_dirs: list[str | Path], output: str | Path, *, exclude: set[str] = frozenset(),
-               min_images: int = 1, relative: bool = False) -> dict:
+def build_list(aligned_dirs: list[str | Path], output: str | Path | None = None, *,
+               exclude: set[str] = frozenset(), min_images: int = 1, relative: bool = False) -> dict:
     """Write the list for the identity folders under aligned_dirs; return its counts.
 
     Labels are 0..C-1 over the sorted identity names, so the same folders
@@ -39,7 +46,7 @@ def build_list(aligned_dirs: list[str | Path], output: str | Path, *, exclude: s
     is set, in which case they are relative to the list file's folder,
     where `train` resolves them.
     """
-    output = Path(output).resolve()
+    output = Path(output or str(aligned_dirs[0]).rstrip("/") + ".txt").resolve()
     per_identity: dict[str, list[str]] = {}
     excluded = set()
     for directory in aligned_dirs:
@@ -47,6 +54,9 @@ def build_list(aligned_dirs: list[str | Path], output: str | Path, *, exclude: s
         if not directory.is_dir():
             raise UserError(f"{directory}: no such directory")
         for rel in walk_images(directory):
+            if "\n" in rel or "\r" in rel:
+                raise UserError(f"{directory / rel!r}: a file name with a line break cannot be a line "
+                                "of the list; rename it")
             identity = identity_of(rel)
             if identity in exclude:
                 excluded.add(identity)
@@ -70,6 +80,7 @@ def build_list(aligned_dirs: list[str | Path], output: str | Path, *, exclude: s
                "per_identity_max": int(sizes.max()),
                "dropped_identities": len(per_identity) - len(kept),
                "excluded": sorted(excluded),
+               "exclusions_not_found": sorted(set(exclude) - excluded),
                "names": names}
     Path(str(output) + ".json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n",
                                            encoding="utf-8")

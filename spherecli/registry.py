@@ -87,6 +87,7 @@ A_SOFTMAX_BACKWARD = ("exact", "original")       # autograd, or the Caffe layer'
 AMP_MODES = ("auto", "none", "bf16", "fp16")     # mixed precision; none is fp32
 FLIP_MODES = ("concat", "sum", "none")           # an image's feature with its mirror's
 SELECT_RULES = ("center", "largest", "confident")  # which face of several detect keeps
+NO_FACE_RULES = ("skip", "mean")                  # align: images without a face
 STALL_ACTIONS = ("warn", "stop", "ignore")        # when training looks stalled
 
 # LFW's image path for (name, number) under an aligned folder, as pairs.txt names them.

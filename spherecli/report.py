@@ -65,3 +65,16 @@ def curves(runs: list[str | Path], key: str = "loss") -> dict[str, tuple[list, l
     if not series:
         raise UserError(f"no run has {key!r} values to draw yet")
     return series
+
+
+COLUMNS = ("run", "arch", "head", "m", "iters", "min", "img/s", "loss", "train acc", "|x|", "LFW")
+
+
+def table_row(r: dict) -> tuple[str, ...]:
+    """A summary as the COLUMNS of the comparison table; what a run does not have yet is blank."""
+    def num(v, form):
+        return "" if v is None else form.format(v)
+    lfw = f"{100 * r['lfw_mean']:.2f} +- {100 * r['lfw_std']:.2f}" if "lfw_mean" in r else ""
+    return (r["run"], r["arch"] or "", r["head"] or "", num(r["margin"], "{:g}"), str(r["iterations"]),
+            str(r["wall_min"]), num(r["images_per_s"], "{}"), num(r["final_loss"], "{:.3f}"),
+            num(r["train_acc"], "{:.1%}"), num(r["feature_norm"], "{:.1f}"), lfw)

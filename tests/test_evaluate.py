@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from spherecli import UserError
-from spherecli.evaluate import (THRESHOLDS, accuracy, best_threshold, evaluate, read_pairs, roc,
-                                verification)
+from spherecli.evaluate import evaluate, read_pairs
+from spherecli.metrics import THRESHOLDS, accuracy, best_threshold, roc, verification
 from spherecli.features import extract, load_network
 from spherecli.models import create_model
 
@@ -175,7 +175,7 @@ def test_bf16_features_stay_close_to_fp32(lfw_subset, tmp_path):
     # Saved features remember their precision; evaluating them reports it.
     saved = tmp_path / "bf16.npz"
     evaluate(lfw_subset / "pairs.txt", model=lfw_subset / "model.pt", data=lfw_subset / "aligned",
-             amp="bf16", save_features=saved, workers=0, progress=False)
+             amp="bf16", save_features_to=saved, workers=0, progress=False)
     again = evaluate(lfw_subset / "pairs.txt", features=saved, progress=False)
     assert again["settings"]["amp"] == "bf16"
 

@@ -41,7 +41,8 @@ def test_make_reproduce_runs_end_to_end(standin, tmp_path):
     listed = json.loads((out / "CASIA-WebFace-112X96.txt.json").read_text())
     assert listed["identities"] == 4
     assert (out / "sphereface20" / "model.pt").exists()
-    result = json.loads((out / "sphereface20" / "model.lfw.json").read_text())
+    # Not LFW's own pair list, so the result is named after its file, not model.lfw.json.
+    result = json.loads((out / "sphereface20" / "model.pairs.json").read_text())
     assert len(result["folds"]) == 2 and result["missing"] == 0
     config = (out / "sphereface20" / "config.toml").read_text()
     assert 'lr_steps = [2]' in config and "max_iter = 3" in config

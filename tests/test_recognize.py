@@ -15,7 +15,9 @@ from spherecli.config import TrainConfig
 from spherecli.detect import detect_tree
 from spherecli.export import export
 from spherecli.formats import read_manifest
-from spherecli.recognize import Calibration, FaceEmbedder, angular_fisher_score, embed_folder, verify
+from spherecli.calibration import Calibration
+from spherecli.metrics import angular_fisher_score
+from spherecli.recognize import FaceEmbedder, embed_folder, verify
 from spherecli.train import launch
 
 from conftest import copy_images

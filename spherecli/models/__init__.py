@@ -56,3 +56,13 @@ def load_model(path, arch: str | None = None) -> tuple[nn.Module, ModelFile]:
     if arch and arch != file.arch:
         raise UserError(f"{path} holds a {file.arch} network, not {arch}")
     return build_from(file, str(path)), file
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(name, description, feature size, parameters at 112x96) of every registered network."""
+    rows = []
+    for name, build in NETWORKS.all().items():
+        net = build()
+        rows.append((name, (build.__doc__ or "").strip().splitlines()[0], str(net.feature_dim),
+                     f"{count_parameters(net):,}"))
+    return rows
