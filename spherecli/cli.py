@@ -113,9 +113,11 @@ def cli():
 @click.option("--shard", help="K/N: process only the K-th of N deterministic parts of ROOT.")
 @click.option("--strict", is_flag=True, help="Fail (exit 2) at the first unreadable image.")
 @click.option("--retry-errors", is_flag=True, help="Try again images recorded as errors.")
+@click.option("--max-pixels", default=100_000_000, help="Larger images are recorded as errors, not decoded "
+              "(a tiny file can decode to gigabytes).")
 @quiet
 def detect(root, output, min_face, factor, thresholds, select, all_faces, exif, max_side, border, device,
-           batch_size, workers, shard, strict, retry_errors, quiet):
+           batch_size, workers, shard, strict, retry_errors, max_pixels, quiet):
     """Detect faces and landmarks in every image under ROOT.
 
     Writes one JSON record per image (docs/formats.md); re-running the same
@@ -126,7 +128,8 @@ def detect(root, output, min_face, factor, thresholds, select, all_faces, exif, 
     settings = DetectSettings(min_face=min_face, factor=factor, thresholds=thresholds, select=select,
                               all_faces=all_faces, exif=exif, max_side=max_side, border=border)
     summary = detect_tree(root, output, settings, device=device, batch_size=batch_size, workers=workers,
-                          shard=shard, strict=strict, retry_errors=retry_errors, progress=not quiet)
+                          shard=shard, strict=strict, retry_errors=retry_errors, max_pixels=max_pixels,
+                          progress=not quiet)
     show(f"detect -> {summary.pop('manifest')}", summary)
 
 

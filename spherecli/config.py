@@ -18,13 +18,6 @@ def opt(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-# Cosine threshold for a model without an evaluation result, whose features
-# are therefore not centred either: on LFW, without mean subtraction, both
-# CelebA-trained models of docs/results.md had their best threshold at 0.20.
-# `sphereface evaluate` calibrates a model properly.
-DEFAULT_THRESHOLD = 0.2
-
-
 @dataclass
 class TrainConfig:
     # data

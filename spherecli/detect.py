@@ -24,7 +24,7 @@ from tqdm import tqdm
 from spherecli import UserError
 from spherecli.formats import (JsonlAppender, latest_status, manifest_header, manifest_summary,
                                read_manifest)
-from spherecli.images import decode, describe_error, identity_of, oriented_size, walk_images
+from spherecli.images import MAX_PIXELS, decode, describe_error, identity_of, oriented_size, walk_images
 from spherecli.parallel import cpu_count, map_batches
 from spherecli.registry import BORDER_MODES, SELECT_RULES
 
@@ -186,10 +186,11 @@ def _scale_face(face: dict, scale: float) -> dict:
 _worker: dict = {}
 
 
-def _init_worker(settings: dict, device: str, threads: int | None) -> None:
+def _init_worker(settings: dict, device: str, threads: int | None, max_pixels: int) -> None:
     if threads:
         torch.set_num_threads(threads)
     _worker["detector"] = FaceDetector(DetectSettings(**settings), device)
+    _worker["max_pixels"] = max_pixels
 
 
 def _detect_batch(job: tuple[str, list[str]]) -> list[dict]:
@@ -202,7 +203,8 @@ def _detect_batch(job: tuple[str, list[str]]) -> list[dict]:
         rec = {"type": "image", "path": rel, "identity": identity_of(rel)}
         records.append(rec)
         try:
-            rgb, info = decode(os.path.join(root, rel), exif=s.exif, max_side=s.max_side)
+            rgb, info = decode(os.path.join(root, rel), exif=s.exif, max_side=s.max_side,
+                               max_pixels=_worker["max_pixels"])
         except Exception as e:  # noqa: BLE001 - any failure of one file is that file's record
             rec.update(status="error", error=describe_error(e))
             continue
@@ -324,7 +326,7 @@ def parse_shard(text: str | tuple | None) -> tuple[int, int] | None:
 def detect_tree(root: str | Path, manifest: str | Path | None = None, settings: DetectSettings | None = None,
                 *, device: str = "cpu", batch_size: int = 16, workers: int | None = None,
                 shard: str | tuple[int, int] | None = None, strict: bool = False,
-                retry_errors: bool = False, progress: bool = True) -> dict:
+                retry_errors: bool = False, max_pixels: int = MAX_PIXELS, progress: bool = True) -> dict:
     """Detect faces in every image under root, appending to manifest (by default
     ROOT.landmarks.jsonl). Returns the summary, with the manifest's path."""
     settings = settings or DetectSettings()
@@ -344,7 +346,7 @@ def detect_tree(root: str | Path, manifest: str | Path | None = None, settings: 
     # A handful of images is done before worker processes would have started.
     workers = 1 if len(pending) <= batch_size else (workers or default_workers(device))
     jobs = _size_batches(str(root), pending, settings, batch_size)
-    init_args = (settings.as_json(), device, 1 if workers > 1 and device == "cpu" else None)
+    init_args = (settings.as_json(), device, 1 if workers > 1 and device == "cpu" else None, max_pixels)
     start, written = time.perf_counter(), 0
     bar = tqdm(total=len(pending), unit="img", desc="detect", disable=not progress or not pending,
                dynamic_ncols=True)

@@ -1,8 +1,12 @@
-"""The plain files that connect the stages, each defined once.
+"""Every file layout spherecli reads or writes, defined here and nowhere else.
 
 - landmark manifest (JSON Lines, written by `detect`, read by `align`)
 - landmark text file (`path x1 y1 ... x5 y5`, the form published landmark files take)
 - training list (`path label`, written by `list`, read by `train`)
+- model file and training checkpoint (`model.pt`, `checkpoint.pt`), and the input spec
+  of a network (in a model file, or beside an ONNX model)
+- a training run's folder and its log.jsonl
+- features (`.npz`, from `evaluate --save-features` and `embed`) and where results go
 
 docs/formats.md describes them for people; this module is the definition.
 """
@@ -20,7 +24,6 @@ from spherecli import UserError, __version__
 
 MANIFEST_FORMAT = "spherecli.manifest"
 MANIFEST_VERSION = 1
-LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
 
 
 # --------------------------------------------------------------------------- outputs
@@ -106,12 +109,6 @@ class JsonlAppender:
 
     def close(self) -> None:
         self.file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # --------------------------------------------------------------------------- manifest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -14,9 +15,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp")
 EXIF_ORIENTATION = 0x0112
 
-# Huge photos are legitimate input; refusing them as "decompression bombs"
-# would turn a 12000x8000 camera picture into an error.
-Image.MAX_IMAGE_PIXELS = None
+# The largest image decoded: a 100-megapixel camera photo passes, a few-kilobyte
+# PNG that would decode to gigabytes (a "decompression bomb") does not. Pillow's
+# own guard is left as it is, for the programs that import spherecli.
+MAX_PIXELS = 100_000_000
 
 
 def is_image_name(name: str) -> bool:
@@ -66,7 +68,7 @@ def identity_of(rel_path: str) -> str | None:
     return head if sep else None
 
 
-def _open(path: str | Path) -> Image.Image:
+def _open(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     # A FIFO or device named *.jpg would block or stream forever; only
     # regular files are images.
     st = os.stat(path)
@@ -74,12 +76,23 @@ def _open(path: str | Path) -> Image.Image:
         raise OSError("not a regular file")
     if st.st_size == 0:
         raise OSError("empty file (0 bytes)")
-    return Image.open(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise OSError(f"image too large to decode safely ({e})") from None
+    w, h = im.size
+    if max_pixels and w * h > max_pixels:
+        im.close()
+        raise OSError(f"image is {w}x{h} = {w * h / 1e6:.0f} megapixels, over the limit of "
+                      f"{max_pixels / 1e6:.0f} (--max-pixels)")
+    return im
 
 
-def oriented_size(path: str | Path, exif: bool = True) -> tuple[int, int]:
+def oriented_size(path: str | Path, exif: bool = True, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """(width, height) as decode() will return them, read from the header only."""
-    with _open(path) as im:
+    with _open(path, max_pixels) as im:
         w, h = im.size
         if exif and im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
             w, h = h, w
@@ -99,7 +112,7 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def decode(path: str | Path, exif: bool = True, max_side: int | None = None):
+def decode(path: str | Path, exif: bool = True, max_side: int | None = None, max_pixels: int = MAX_PIXELS):
     """Decode an image file to an RGB uint8 array (H, W, 3).
 
     Returns (array, info) where info holds the EXIF orientation tag found and
@@ -107,7 +120,7 @@ def decode(path: str | Path, exif: bool = True, max_side: int | None = None):
     coordinates found on the array are divided by it to map them back.
     Raises OSError or ValueError with a readable message on any bad file.
     """
-    with _open(path) as im:
+    with _open(path, max_pixels) as im:
         orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
         full_w, full_h = im.size
         if max_side and max(full_w, full_h) > max_side:

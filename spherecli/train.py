@@ -382,8 +382,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if folder.checkpoint.exists() and not resume:
         raise UserError(f"{folder.path} already holds a run; add --resume to continue it, "
                         "or choose another --out")
-    if resume and not folder.checkpoint.exists():
-        raise UserError(f"--resume: no checkpoint in {folder.path}")
     trainer = Trainer.build(cfg, rank=rank, world=world, device=device)
     if resume:
         trainer.load_state_dict(Checkpoint.load(folder.checkpoint))

@@ -125,3 +125,36 @@ def test_malformed_landmark_file_names_the_line(tmp_path):
         align_manifests([text], tmp_path / "out", root=str(tmp_path), progress=False)
     with pytest.raises(UserError, match="pass --root"):
         align_manifests([text], tmp_path / "out", progress=False)
+
+
+def test_no_face_mean_is_each_manifests_own_mean(tmp_path):
+    """Two shards, each with its faces at its own place; a faceless image of the second
+    shard, listed before any of that shard's faces, is cropped at the second shard's
+    mean landmarks, not at a mean diluted by the first shard's face count."""
+    import json
+
+    def shard(name, points, faces, faceless):
+        root = tmp_path / name
+        (root / "p").mkdir(parents=True)
+        lines = [{"type": "header", "format": "spherecli.manifest", "version": 1, "root": str(root),
+                  "settings": {}}]
+        for rel in faceless:
+            lines.append({"type": "image", "path": rel, "status": "no_face", "width": 400, "height": 400})
+        for rel in faces:
+            lines.append({"type": "image", "path": rel, "status": "ok", "width": 400, "height": 400,
+                          "landmarks": points.tolist()})
+        for rel in faceless + faces:
+            img = np.zeros((400, 400, 3), np.uint8)
+            for x, y in points - 1:  # dots where the landmarks are (Matlab's 1-based pixels)
+                img[int(round(y)) - 2:int(round(y)) + 3, int(round(x)) - 2:int(round(x)) + 3] = 255
+            Image.fromarray(img).save(root / rel)
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        return tmp_path / f"{name}.jsonl"
+
+    first = shard("a", REFERENCE_112x96 * 2.0 + [40, 60], [f"p/{i}.png" for i in range(3)], [])
+    second = shard("b", REFERENCE_112x96 * 2.5 + [100, 80], ["p/face.png"], ["p/none.png"])
+    summary = align_manifests([first, second], tmp_path / "out", no_face="mean", root=None, progress=False)
+    assert summary["mean_landmarks"] == 1 and summary["aligned"] == 5
+    crop = np.asarray(Image.open(tmp_path / "out" / "p" / "none.png"))
+    for x, y in REFERENCE_112x96 - 1:
+        assert crop[int(round(y)), int(round(x))].max() > 128

@@ -331,3 +331,21 @@ def test_retry_errors_redoes_only_failed_images(data, tmp_path):
     assert detect_tree(root.parent, tmp_path / "m.jsonl", progress=False)["new"] == 0
     again = detect_tree(root.parent, tmp_path / "m.jsonl", retry_errors=True, progress=False)
     assert (again["new"], again["ok"], again["error"], again["images"]) == (1, 2, 0, 2)
+
+
+def test_decompression_bomb_is_an_error_record_and_pillow_is_left_alone(tmp_path):
+    """A 144-megapixel PNG of a few kilobytes would decode to hundreds of megabytes (and
+    gigabytes inside the detector): it is refused by size, not decoded."""
+    before = Image.MAX_IMAGE_PIXELS
+    tree = tmp_path / "t" / "p"
+    tree.mkdir(parents=True)
+    Image.new("1", (12000, 12000)).save(tree / "bomb.png")
+    assert (tree / "bomb.png").stat().st_size < 1_000_000
+    detect_tree(tree.parent, tmp_path / "m.jsonl", progress=False)
+    _, recs = records_of(tmp_path / "m.jsonl")
+    assert recs["p/bomb.png"]["status"] == "error"
+    assert "12000x12000 = 144 megapixels, over the limit of 100" in recs["p/bomb.png"]["error"]
+    assert Image.MAX_IMAGE_PIXELS == before and before is not None
+    # A larger limit admits it (and the plain image has no face).
+    detect_tree(tree.parent, tmp_path / "m2.jsonl", max_pixels=150_000_000, progress=False)
+    assert records_of(tmp_path / "m2.jsonl")[1]["p/bomb.png"]["status"] == "no_face"

@@ -1,10 +1,11 @@
 import json
+import os
 
 import pytest
 
 from spherecli import UserError
 from spherecli.formats import read_list
-from spherecli.lists import build_list
+from spherecli.lists import build_list, read_exclusions
 
 
 def tree(tmp_path, counts):
@@ -20,13 +21,17 @@ def test_labels_follow_sorted_identities_with_exclusions_and_minimum(tmp_path):
     root = tree(tmp_path, {"carol": 3, "alice": 2, "bob": 1, "0166921": 4, "dave": 5})
     names = tmp_path / "drop.txt"
     names.write_text("# overlap with the test set\ndave\n")
-    summary = build_list([root], tmp_path / "l.txt", exclude={"0166921"} | {"dave"}, min_images=2)
+    # A file of names and the casia-lfw token inside a comma-separated list.
+    exclude = read_exclusions([str(names), "erin,casia-lfw"])
+    assert exclude == {"dave", "erin", "0166921", "1056413", "1193098"}
+    summary = build_list([root], tmp_path / "l.txt", exclude=exclude, min_images=2)
     items = read_list(tmp_path / "l.txt")
     labels = {p.split("/")[-2]: label for p, label in items}
     assert labels == {"alice": 0, "carol": 1}
     assert len(items) == 5
     assert summary["identities"] == 2 and summary["images"] == 5
     assert summary["excluded"] == ["0166921", "dave"] and summary["dropped_identities"] == 1
+    assert summary["exclusions_not_found"] == ["1056413", "1193098", "erin"]
     assert (summary["per_identity_min"], summary["per_identity_max"]) == (2, 3)
     side = json.loads((tmp_path / "l.txt.json").read_text())
     assert side["names"] == ["alice", "carol"]
@@ -57,3 +62,19 @@ def test_bad_list_lines_name_file_and_line(tmp_path):
         read_list(bad)
     with pytest.raises(UserError, match="no identity folder"):
         build_list([tree(tmp_path, {"a": 1})], tmp_path / "l.txt", min_images=5)
+
+
+def test_names_with_spaces_tabs_and_hashes_survive_the_list(tmp_path):
+    root = tree(tmp_path, {"a b": 1, "#c\td": 1, " e": 1})
+    build_list([root], tmp_path / "l.txt", relative=True)
+    items = read_list(tmp_path / "l.txt")
+    assert sorted(p.split("/")[-2] for p, _ in items) == sorted(["a b", "#c\td", " e"])
+    assert all(os.path.exists(p) for p, _ in items)
+
+
+def test_a_file_name_with_a_line_break_is_refused(tmp_path):
+    root = tree(tmp_path, {"alice": 2})
+    (root / "alice" / "evil\n9.jpg").write_bytes(b"x")
+    with pytest.raises(UserError, match="line break"):
+        build_list([root], tmp_path / "l.txt")
+    assert not (tmp_path / "l.txt").exists()

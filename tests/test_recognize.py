@@ -17,6 +17,7 @@ from spherecli.export import export
 from spherecli.formats import read_manifest
 from spherecli.calibration import Calibration
 from spherecli.metrics import angular_fisher_score
+from spherecli.gallery import gallery
 from spherecli.recognize import FaceEmbedder, embed_folder, verify
 from spherecli.train import launch
 
@@ -77,8 +78,16 @@ def test_identify_photos_one_row_per_detected_face(model, wild_split, tmp_path):
     a = np.asarray(Image.open(tmp_path / "annotated" / first), dtype=int)
     b = np.asarray(Image.open(wild_split / "probe" / first).convert("RGB"), dtype=int)
     assert a.shape == b.shape and np.abs(a - b).max() > 100
-    # The second run reads the gallery from its cache.
+    # The second run reads the gallery from its cache: an embedder that cannot detect
+    # faces still gets every gallery photo's feature.
     assert (wild_split / "gallery" / ".sphereface-gallery.npz").exists()
+
+    class Blind(FaceEmbedder):
+        def faces(self, rgb):
+            raise AssertionError("the cache should have answered")
+
+    people, feats, notes = gallery(Blind(model), wild_split / "gallery", model)
+    assert len(people) == 25 and feats.shape[0] == 25 and not notes
 
 
 def test_identify_a_video(model, wild_split, tmp_path):
@@ -98,6 +107,11 @@ def test_identify_a_video(model, wild_split, tmp_path):
     assert rows and {int(r["frame"]) for r in rows} <= {0, 2, 4, 6}
     cap = cv2.VideoCapture(str(tmp_path / "annotated.mp4"))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    assert cap.get(cv2.CAP_PROP_FPS) == pytest.approx(5 / 2), "the source's rate over --every"
+    r = subprocess.run(SPHEREFACE + ["identify", "--gallery", str(wild_split / "gallery"), "--probe",
+                                     str(video), "--model", str(model), "--annotate",
+                                     str(tmp_path / "folder")], capture_output=True, text=True)
+    assert r.returncode == 2 and "a video probe is drawn into a video file" in r.stderr
 
 
 def test_verify_same_and_different_people(model, data, tmp_path):

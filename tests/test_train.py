@@ -261,3 +261,31 @@ def test_stall_watch_flags_a_collapsing_run():
     row = {"iter": 120, "loss": chance, "feature_norm": 0.1}
     assert warner.report(row) is None and len(notes) == 1
     assert "stalled" in stopper.report(row)
+
+
+def test_a_log_line_cut_by_a_kill_is_skipped_and_repaired(synthetic_list, tmp_path):
+    from spherecli.report import summarize
+
+    out = tmp_path / "run"
+    launch(run_cfg(synthetic_list, out, max_iter=10, snapshot=5))
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"iter": 12, "lo')  # what a kill in the middle of a write leaves
+    assert summarize(out)["iterations"] == 10
+    cfg, resuming = resolve(None, {"out": str(out), "max_iter": 15}, resume=True)
+    launch(cfg, resuming)
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines)
+    assert [r["iter"] for r in read_log(out / "log.jsonl")] == [5, 10, 15]
+
+
+def test_report_of_a_run_that_stopped_before_its_first_row(synthetic_list, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(Stopped):
+        train(run_cfg(synthetic_list, out, head="softmax", amp="none", lr_steps=(1,), lr_factor=1e9,
+                      display=5, max_iter=20))
+    r = subprocess.run([sys.executable, "-m", "spherecli", "report", str(out)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "nan" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "spherecli", "report", str(out), "--key", "foo", "--plot",
+                        str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and not (tmp_path / "x.png").exists()
