@@ -5,3 +5,7 @@ __version__ = "0.1.0"
 
 class UserError(Exception):
     """A problem with the user's input that deserves one clear line, not a traceback."""
+
+
+class Interrupted(UserError):
+    """Stopped by Ctrl-C, with what was finished saved (exit status 130)."""

@@ -10,15 +10,15 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from spherecli import UserError, __version__
+from spherecli import Interrupted, UserError, __version__
 from spherecli.registry import (AMP_MODES, BORDER_MODES, FLIP_MODES, IMPORT_FORMATS, LFW_PATTERN,
                                 NO_FACE_RULES, REFERENCES, SELECT_RULES)
 
-console = Console(stderr=True, soft_wrap=True, highlight=False)
+# Tables and notes: as wide as a terminal, or 200 columns into a file or pipe (not 80).
+console = Console(stderr=True, soft_wrap=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 
 def stdout() -> Console:
-    """Tables for standard output; wide when it is a file or a pipe, not 80 columns."""
     return Console(width=None if sys.stdout.isatty() else 200, highlight=False)
 
 
@@ -357,8 +357,9 @@ def identify(gallery, probe, model, select, device, input_spec, calibration, far
     """
     from spherecli.formats import writable
     from spherecli.gallery import gallery as build, templates
-    from spherecli.identify import identify as run, write_csv
+    from spherecli.identify import check_annotate, identify as run, write_csv
 
+    check_annotate(probe, annotate)
     sink = open(writable(output), "w", newline="", encoding="utf-8") if output else sys.stdout
     emb, cal = embedder(model, device, input_spec, calibration=calibration, threshold=threshold, far=far)
     people, feats, found = build(emb, gallery, model, cache=cache, select=select)
@@ -405,7 +406,8 @@ def embed(root, output, model, select, device, input_spec, aligned, flip, quiet)
 @click.option("--check", "check_dir", type=EXISTING_FOLDER,
               help="Aligned faces to compare exported and PyTorch features on.")
 @click.option("--opset", default=17, help="ONNX opset version.")
-def export(model, output, check_dir, opset):
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never MODEL itself).")
+def export(model, output, check_dir, opset, overwrite):
     """Export the feature network alone to ONNX, torch.export or TorchScript, checked against PyTorch.
 
     Input: float (N, 3, H, W) crops prepared as the model's input spec says
@@ -414,6 +416,9 @@ def export(model, output, check_dir, opset):
     """
     from spherecli.export import export as run
 
+    from spherecli.formats import refuse_overwrite
+
+    refuse_overwrite(output, overwrite, source=model)
     show(f"export -> {output}", run(model, output, check_dir=check_dir, opset=opset))
 
 
@@ -427,7 +432,8 @@ def export(model, output, check_dir, opset):
               "size.  [default: 112x96]")
 @click.option("--input-spec", help="Override the input the network was trained with (a preset, a JSON file, "
               "or key=value pairs); each format knows its own.")
-def import_(source, output, fmt, prototxt, input_spec):
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never SOURCE itself).")
+def import_(source, output, fmt, prototxt, input_spec, overwrite):
     """Turn a published model into a spherecli model file.
 
     \b
@@ -437,7 +443,9 @@ def import_(source, output, fmt, prototxt, input_spec):
     Weights only: nothing in SOURCE is executed. ONNX networks need no import.
     """
     from spherecli.convert import import_model
+    from spherecli.formats import refuse_overwrite
 
+    refuse_overwrite(output, overwrite, source=source)
     summary = import_model(source, output, fmt=fmt, prototxt=prototxt, input_spec=input_spec)
     show(f"import -> {output}", summary)
 
@@ -474,10 +482,13 @@ def report(runs, plot, key, as_json):
     """Compare training runs: final loss, accuracy, speed, LFW (when evaluated), curves."""
     import json
 
+    from spherecli.formats import writable
     from spherecli.report import COLUMNS, curves, summarize, table_row
 
+    if plot:
+        writable(plot)
     rows = [summarize(r) for r in runs]
-    series = curves(runs, key) if plot else None  # a bad --key fails before anything is printed
+    series = curves(runs, key)  # a bad --key fails before anything is printed
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))
@@ -493,15 +504,24 @@ def report(runs, plot, key, as_json):
 
 
 def main() -> None:
+    """The error boundary: an expected failure is one `error:` line and exit status 2 (an
+    interruption: 130); under torchrun only rank 0 says it. Anything else is a bug and
+    keeps its traceback."""
+    import os
+
+    quiet_rank = os.environ.get("RANK", "0") != "0"
     try:
         cli.main(standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("interrupted: finished work is saved; run the same command again to resume", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt, Interrupted) as e:
+        if not quiet_rank:
+            click.echo(str(e) if isinstance(e, Interrupted) else
+                       "interrupted: finished work is saved; run the same command again to resume", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except UserError as e:
-        click.secho("error: ", fg="red", bold=True, err=True, nl=False)
-        click.echo(str(e), err=True)
+        if not quiet_rank:
+            click.secho("error: ", fg="red", bold=True, err=True, nl=False)
+            click.echo(str(e), err=True)
         sys.exit(2)

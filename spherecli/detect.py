@@ -22,9 +22,11 @@ from torch import nn
 from tqdm import tqdm
 
 from spherecli import UserError
-from spherecli.formats import (JsonlAppender, latest_status, manifest_header, manifest_summary,
+from spherecli.devices import resolve_device
+from spherecli.formats import (JsonlAppender, latest_status, locked, manifest_header, manifest_summary,
                                read_manifest)
-from spherecli.images import MAX_PIXELS, decode, describe_error, identity_of, oriented_size, walk_images
+from spherecli.images import (IMAGE_EXTENSIONS, MAX_PIXELS, decode, describe_error, identity_of,
+                              oriented_size, walk_images)
 from spherecli.parallel import cpu_count, map_batches
 from spherecli.registry import BORDER_MODES, SELECT_RULES
 
@@ -335,37 +337,42 @@ def detect_tree(root: str | Path, manifest: str | Path | None = None, settings: 
     if not root.is_dir():
         raise UserError(f"{root}: no such directory")
     shard = parse_shard(shard)
+    device = resolve_device(device)
     header_settings = settings.as_json() | ({"shard": f"{shard[0]}/{shard[1]}"} if shard else {})
     header = manifest_header(root, header_settings)
-    done = _resume_state(manifest, header, retry_errors)
-    writer = JsonlAppender(manifest)
-    if manifest.stat().st_size == 0:
-        writer.write([header])
-
-    pending = [p for p in walk_images(root) if _in_shard(p, shard) and p not in done]
-    # A handful of images is done before worker processes would have started.
-    workers = 1 if len(pending) <= batch_size else (workers or default_workers(device))
-    jobs = _size_batches(str(root), pending, settings, batch_size)
-    init_args = (settings.as_json(), device, 1 if workers > 1 and device == "cpu" else None, max_pixels)
-    start, written = time.perf_counter(), 0
-    bar = tqdm(total=len(pending), unit="img", desc="detect", disable=not progress or not pending,
-               dynamic_ncols=True)
-    try:
-        with map_batches(_detect_batch, jobs, workers, _init_worker, init_args) as results:
-            for records in results:
-                writer.write(records)
-                written += len(records)
-                bar.update(len(records))
-                bad = next((r for r in records if r["status"] == "error"), None)
-                if strict and bad:
-                    raise UserError(f"{root / bad['path']}: {bad['error']} (--strict stops at the "
-                                    "first bad file; the records so far are saved)")
-        seconds = time.perf_counter() - start
-        summary = manifest_summary(manifest)
-        summary.update(new=written, seconds=round(seconds, 2),
-                       images_per_s=round(written / seconds, 2) if written else 0.0)
-        writer.write([{"type": "summary", **summary}])
-        return {"manifest": str(manifest), **summary}
-    finally:
-        bar.close()
-        writer.close()
+    images = [p for p in walk_images(root) if _in_shard(p, shard)]
+    if not images:
+        raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it"
+                        + (f" in shard {shard[0]}/{shard[1]}" if shard else ""))
+    with locked(manifest, "detect"):
+        done = _resume_state(manifest, header, retry_errors)
+        writer = JsonlAppender(manifest)
+        if manifest.stat().st_size == 0:
+            writer.write([header])
+        pending = [p for p in images if p not in done]
+        # A handful of images is done before worker processes would have started.
+        workers = 1 if len(pending) <= batch_size else (workers or default_workers(device))
+        jobs = _size_batches(str(root), pending, settings, batch_size)
+        init_args = (settings.as_json(), device, 1 if workers > 1 and device == "cpu" else None, max_pixels)
+        start, written = time.perf_counter(), 0
+        bar = tqdm(total=len(pending), unit="img", desc="detect", disable=not progress or not pending,
+                   dynamic_ncols=True)
+        try:
+            with map_batches(_detect_batch, jobs, workers, _init_worker, init_args) as results:
+                for records in results:
+                    writer.write(records)
+                    written += len(records)
+                    bar.update(len(records))
+                    bad = next((r for r in records if r["status"] == "error"), None)
+                    if strict and bad:
+                        raise UserError(f"{root / bad['path']}: {bad['error']} (--strict stops at the "
+                                        "first bad file; the records so far are saved)")
+            seconds = time.perf_counter() - start
+            summary = manifest_summary(manifest)
+            summary.update(new=written, seconds=round(seconds, 2),
+                           images_per_s=round(written / seconds, 2) if written else 0.0)
+            writer.write([{"type": "summary", **summary}])
+            return {"manifest": str(manifest), **summary}
+        finally:
+            bar.close()
+            writer.close()

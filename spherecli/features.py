@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from spherecli import UserError
 from spherecli.data import FaceList, worker_errors
+from spherecli.devices import resolve_device
 from spherecli.formats import InputSpec, onnx_sidecar, parse_input_spec, read_input_spec
 from spherecli.models import autocast_dtype, build_from, load_model
 
@@ -27,9 +28,9 @@ def prepare(batch: torch.Tensor, spec: InputSpec, device: torch.device | str = "
     """uint8 BGR (N, 3, H, W) -> float network input, on the device."""
     if tuple(batch.shape[-2:]) != spec.size:
         h, w = spec.size
-        raise UserError(f"the images are {batch.shape[-2]}x{batch.shape[-1]}, the model takes "
-                        f"{h}x{w} aligned crops: make them with `sphereface detect` and "
-                        f"`sphereface align --reference {spec.reference} --size {h}x{w}`")
+        raise UserError(f"the images are {batch.shape[-2]}x{batch.shape[-1]}, not the {h}x{w} aligned face "
+                        f"crops the model takes: make them with `sphereface detect` and `sphereface align "
+                        f"--reference {spec.reference} --size {h}x{w}`")
     x = batch.to(device, non_blocking=True)
     if spec.channels == "rgb":
         x = x.flip(1)
@@ -95,6 +96,7 @@ def load_network(path: str | Path, *, device: str = "cpu", amp: str = "none", ar
     key=value pairs) or its sidecar MODEL.onnx.json; a model file states its own.
     """
     path = Path(path)
+    device = resolve_device(device)
     if path.suffix.lower() == ".onnx":
         if input_spec is not None:
             spec = parse_input_spec(input_spec)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -40,6 +41,65 @@ def writable(path: str | Path) -> Path:
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"cannot write {path}: permission denied")
     return path
+
+
+def refuse_overwrite(path: str | Path, overwrite: bool, source: str | Path | None = None) -> Path:
+    """An output that must not replace what is there: the input itself never, another
+    existing file only with --overwrite."""
+    path = writable(path)
+    if source is not None and path.exists() and path.resolve() == Path(source).resolve():
+        raise UserError(f"{path} is the input itself; write the output elsewhere")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists; add --overwrite to replace it, or write elsewhere")
+    return path
+
+
+@contextmanager
+def locked(path: str | Path, what: str):
+    """Hold PATH.lock while writing PATH: a second process writing the same output is
+    refused, saying who holds it; a lock whose process is gone is taken over."""
+    import socket
+    import sys
+    import time
+
+    lock = Path(str(path) + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "command": " ".join(sys.argv)[:300]}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            alive = holder.get("host") != me["host"] or _running(holder.get("pid"))
+            if alive:
+                raise UserError(f"{path} is being written by another {what} (pid {holder.get('pid')} on "
+                                f"{holder.get('host')}, since {holder.get('started')}: "
+                                f"{holder.get('command')}); wait for it to finish, or remove {lock} if that "
+                                "process is gone") from None
+            lock.unlink(missing_ok=True)  # its process is gone: a stale lock
+    else:
+        raise UserError(f"could not take {lock}")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _running(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------- JSON Lines

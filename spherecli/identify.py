@@ -99,9 +99,7 @@ def identify(embedder: FaceEmbedder, names: list[str], tmpl: np.ndarray, probe: 
     from tqdm import tqdm
 
     probe = Path(probe)
-    if annotate and is_video(probe) and not is_video(Path(annotate)):
-        raise UserError(f"--annotate {annotate}: a video probe is drawn into a video file "
-                        f"({', '.join(VIDEO_EXTENSIONS)})")
+    check_annotate(probe, annotate)
     frames, total = _frames(probe, every)
     writer = None
     for source, frame, rgb in tqdm(frames, total=total, unit="frame" if is_video(probe) else "photo",
@@ -138,6 +136,12 @@ def identify(embedder: FaceEmbedder, names: list[str], tmpl: np.ndarray, probe: 
                 writer.write(picture)
     if writer is not None:
         writer.release()
+
+
+def check_annotate(probe: Path, annotate: str | Path | None) -> None:
+    if annotate and is_video(Path(probe)) and not is_video(Path(annotate)):
+        raise UserError(f"--annotate {annotate}: a video probe is drawn into a video file "
+                        f"({', '.join(VIDEO_EXTENSIONS)})")
 
 
 CSV_COLUMNS = ("source", "frame", "x1", "y1", "x2", "y2", "identity", "score", "best_match")

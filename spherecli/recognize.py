@@ -13,6 +13,7 @@ from spherecli.align import align_face
 from spherecli.calibration import Calibration
 from spherecli.data import load_face, to_chw
 from spherecli.detect import DetectSettings, FaceDetector, select_face
+from spherecli.devices import resolve_device
 from spherecli.features import embed, feature_width, load_network
 from spherecli.images import decode, describe_error, walk_images
 
@@ -24,7 +25,7 @@ class FaceEmbedder:
                  settings: DetectSettings | None = None, batch_size: int = 64,
                  input_spec: str | None = None):
         self.net = load_network(model, device=device, input_spec=input_spec)
-        self.device = device
+        self.device = resolve_device(device)
         self.flip, self.batch_size = flip, batch_size
         self.settings = settings or DetectSettings()
         self._detector = None
@@ -53,7 +54,10 @@ class FaceEmbedder:
 
         No face is an error; several faces pick one by `select` and say so.
         """
-        rgb, _ = decode(path)
+        try:
+            rgb, _ = decode(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: {describe_error(e)}") from None
         faces = self.faces(rgb)
         if not faces:
             raise UserError(f"{path}: no face found")

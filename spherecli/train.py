@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,13 +26,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from spherecli import UserError
+from spherecli import Interrupted, UserError
 from spherecli.config import TrainConfig, to_toml
 from spherecli.data import EpochBatches, batches, check_images, load_face
 from spherecli.features import prepare
-from spherecli.formats import Checkpoint, InputSpec, JsonlAppender, ModelFile, RunFolder, read_list
+from spherecli.devices import check_gpus, resolve_device
+from spherecli.formats import (Checkpoint, InputSpec, JsonlAppender, ModelFile, RunFolder, locked, read_list,
+                               writable)
 from spherecli.losses import create_head
 from spherecli.models import autocast_dtype, create_model
+from spherecli.parallel import cpu_count
 
 
 class Trainee(nn.Module):
@@ -71,18 +75,14 @@ def distributed_env() -> tuple[int, int, int]:
 
 
 def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    kind = cfg.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = resolve_device(cfg.device)
     if kind.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda asked for, but PyTorch sees no GPU")
         return torch.device("cuda", local_rank if kind == "cuda" else int(kind.split(":")[1]))
     return torch.device("cpu")
 
 
 class Stopped(UserError):
-    """Training stopped on purpose (divergence, stall, Ctrl-C); what is saved is said."""
+    """Training stopped on purpose (divergence, stall); what is saved is said."""
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -116,6 +116,7 @@ class Trainer:
         if not cfg.list:
             raise UserError("no training list: pass --list LIST (from `sphereface list`)")
         items, missing = check_images(read_list(cfg.list, cfg.root), cfg.list, cfg.skip_missing)
+        check_labels(items, cfg.list)
         input_size = load_face(items[0][0]).shape[:2]
         torch.manual_seed(cfg.seed)
         backbone = create_model(cfg.arch, input_size=input_size,
@@ -221,8 +222,8 @@ class Trainer:
             if reasons:
                 raise Stopped(reasons[0])
             if stop:
-                raise Stopped(f"interrupted: iteration {done} is saved in {self.folder.checkpoint}; "
-                              "run again with --resume to continue")
+                raise Interrupted(f"interrupted: iteration {done} is saved in {self.folder.checkpoint}; "
+                                  "run again with --resume to continue")
         return row
 
     def save(self) -> None:
@@ -366,12 +367,26 @@ class StallWatch(Callback):
                 "(--scale 30); or a lower --lr.")
 
 
+def check_labels(items: list, where: str) -> None:
+    """Labels are 0..C-1: the head gets a row for every label up to the largest, so one far
+    above the rest would build a head of mostly empty classes."""
+    labels = {label for _, label in items}
+    top = max(labels)
+    if top + 1 > 2 * len(labels):
+        raise UserError(f"{where}: label {top} is far above the other labels ({len(labels)} identities); "
+                        "labels run 0..C-1, as `sphereface list` writes them")
+
+
 # --------------------------------------------------------------------------- one process
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train on this process's share; under torchrun every process calls this."""
     rank, world, local_rank = distributed_env()
     device = pick_device(cfg, local_rank)
+    if world > 1 and device.type == "cpu":
+        # Each process takes its share of the cores, as torchrun would; all of them each
+        # would fight over the same cores.
+        torch.set_num_threads(max(1, cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
@@ -382,6 +397,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if folder.checkpoint.exists() and not resume:
         raise UserError(f"{folder.path} already holds a run; add --resume to continue it, "
                         "or choose another --out")
+    if rank == 0:
+        writable(folder.log)
+    with (locked(folder.path / "train", "training run") if rank == 0 else nullcontext()):
+        return _train(cfg, folder, resume, progress, rank, world, device)
+
+
+def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, progress: bool, rank: int, world: int,
+           device: torch.device) -> dict:
     trainer = Trainer.build(cfg, rank=rank, world=world, device=device)
     if resume:
         trainer.load_state_dict(Checkpoint.load(folder.checkpoint))
@@ -403,12 +426,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                            (log.note, display.note))
         callbacks = [log, display, watch]
         precision = "fp32" if trainer.amp_dtype is None else str(trainer.amp_dtype)[6:]
-        note = (f"{len(trainer.items)} images, {trainer.num_classes} identities"
+        said = [f"{len(trainer.items)} images, {trainer.num_classes} identities"
                 + (f", {trainer.missing} missing images skipped" if trainer.missing else "")
                 + f"; {cfg.arch} + {cfg.head} on {world} x {device} ({precision}); batch {cfg.batch_size} x "
-                  f"{world} = {cfg.batch_size * world} per iteration; iterations {start}..{cfg.max_iter}")
-        log.note(note)
-        display.note(note)
+                  f"{world} = {cfg.batch_size * world} per iteration; iterations {start}..{cfg.max_iter}"]
+        if cfg.device == "auto" and device.type == "cpu":
+            said.append("--device auto: PyTorch sees no GPU, so this trains on the CPU")
+        if cfg.max_iter == 0:
+            said.append("max_iter is 0: model.pt will be the network as initialised, untrained")
+        for note in said:
+            log.note(note)
+            display.note(note)
     sampler = EpochBatches(len(trainer.items), cfg.batch_size, world, rank, cfg.seed, start, cfg.max_iter)
     # A finished run that is resumed only re-exports its model: no data to load.
     data = (batches(trainer.items, sampler, cfg.workers, cfg.cache, pin=device.type == "cuda")
@@ -446,11 +474,11 @@ def launch(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dic
     """Start the processes `--gpus`/`--nproc` ask for with torchrun's launcher, or train here."""
     if "LOCAL_RANK" in os.environ:  # already started by torchrun
         return train(cfg, resume, progress)
-    nproc = len(cfg.gpus.split(",")) if cfg.gpus else cfg.nproc
+    nproc = len(check_gpus(cfg.gpus)) if cfg.gpus else cfg.nproc
     if cfg.gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.gpus
         if cfg.device == "cpu":
             raise UserError("--gpus and --device cpu contradict each other")
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.gpus
     if nproc <= 1:
         return train(cfg, resume, progress)
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -458,4 +486,17 @@ def launch(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dic
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", run_id=f"spherecli-{os.getpid()}",
                           max_restarts=0, monitor_interval=0.5)
-    return elastic_launch(config, train)(cfg, resume, progress)[0]
+    results = elastic_launch(config, _launched)(cfg, resume, progress)
+    failed = next((r for _, r in sorted(results.items()) if "error" in r), None)
+    if failed:
+        raise {"Interrupted": Interrupted, "Stopped": Stopped}.get(failed["kind"], UserError)(failed["error"])
+    return results[0]
+
+
+def _launched(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
+    """train() in a process the launcher started: an expected failure comes back as a value,
+    so that it is said once, by the launcher, and not as every process's traceback."""
+    try:
+        return train(cfg, resume, progress)
+    except UserError as e:
+        return {"error": str(e), "kind": type(e).__name__}

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from spherecli import UserError
+from spherecli import Interrupted, UserError
 from spherecli.config import TrainConfig, load_config, resolve, to_toml
 from spherecli.data import EpochBatches, batches
 from spherecli.formats import Checkpoint, read_log
@@ -223,7 +223,7 @@ def test_trainer_run_stops_on_interrupt_with_a_checkpoint(synthetic_list, tmp_pa
     cfg = run_cfg(synthetic_list, tmp_path / "i", batch_size=16, display=100, max_iter=50)
     trainer = Trainer.build(cfg)
     sampler = EpochBatches(len(trainer.items), 16, stop=50)
-    with pytest.raises(Stopped, match="interrupted: iteration 7 is saved"):
+    with pytest.raises(Interrupted, match="interrupted: iteration 7 is saved"):
         trainer.run(batches(trainer.items, sampler, 0, True), interrupted=lambda: trainer.iteration >= 7)
     assert Checkpoint.load(tmp_path / "i" / "checkpoint.pt").iteration == 7
 

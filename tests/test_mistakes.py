@@ -1,0 +1,200 @@
+"""Ordinary mistakes through the real command line: one `error:` line that names what to
+fix, exit status 2, and no file that was there changed. Needs no outside data."""
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+
+from spherecli.formats import InputSpec, ModelFile
+from spherecli.models import create_model
+
+from conftest import write_synthetic_faces
+
+SPHEREFACE = [sys.executable, "-m", "spherecli"]
+NO_GPU = not torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """A model, aligned crops, raw photos of another size, a pair list over both, bad files."""
+    w = tmp_path_factory.mktemp("mistakes")
+    torch.manual_seed(0)
+    net = create_model("sphere4")
+    ModelFile("sphere4", net.model_args, net.state_dict(), InputSpec()).save(w / "m.pt")
+    aligned = write_synthetic_faces(w / "aligned", people=4, per_person=3)
+    raw = w / "raw"
+    pairs = []
+    for person in sorted(os.listdir(aligned)):
+        for i, name in enumerate(sorted(os.listdir(aligned / person)), 1):
+            crop = cv2.imread(str(aligned / person / name))
+            for root, img in ((aligned, crop), (raw, cv2.resize(crop, (150, 150)))):
+                (root / person).mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(root / person / f"{person}_{i:04d}.jpg"), img)
+            (aligned / person / name).unlink()
+    people = sorted(os.listdir(aligned))
+    pairs = [f"{p} 1 2" for p in people[:2]] + [f"{people[2]} 1 {people[3]} 1",
+                                                 f"{people[0]} 3 {people[1]} 3"]
+    (w / "pairs.txt").write_text("1\t2\n" + "\n".join(pairs) + "\n")
+    (w / "empty.pt").write_bytes(b"")
+    (w / "photo.pt").write_bytes((raw / people[0] / f"{people[0]}_0001.jpg").read_bytes())
+    (w / "text.pt").write_text("not a model\n")
+    (w / "notimg.jpg").write_text("hello\n")
+    (w / "existing.onnx").write_bytes(b"keep me")
+    (w / "batch.toml").write_text("batch_size = 16.5\n")
+    (w / "typo.toml").write_text("batch-size = 16\n")
+    (w / "nobody").mkdir()
+    (w / "list.txt").write_text("".join(f"{aligned / p / f'{p}_0001.jpg'} {i}\n"
+                                        for i, p in enumerate(people)))
+    (w / "far.txt").write_text("".join(f"{aligned / p / f'{p}_0001.jpg'} {i * 1000}\n"
+                                       for i, p in enumerate(people)))
+    manifest = {"type": "header", "format": "spherecli.manifest", "version": 1, "root": str(w / "gone"),
+                "settings": {}}
+    image = {"type": "image", "path": "p/a.jpg", "status": "ok", "width": 100, "height": 100,
+             "landmarks": [[30, 40], [70, 40], [50, 60], [35, 80], [65, 80]]}
+    (w / "gone.jsonl").write_text(json.dumps(manifest) + "\n" + json.dumps(image) + "\n")
+    (w / "run" / "x").mkdir(parents=True)
+    (w / "run" / "x" / "log.jsonl").write_text(json.dumps({"iter": 5, "loss": 2.0, "acc": 0.1, "lr": 0.1,
+                                                           "feature_norm": 1.0, "images_per_s": 9.0,
+                                                           "elapsed_s": 1.0, "eta_s": 0}) + "\n")
+    return w
+
+
+def snapshot(root: Path) -> dict:
+    return {p: hashlib.sha1(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+MISTAKES = [
+    # where aligned crops are expected, raw photos
+    ("evaluate --pairs {w}/pairs.txt --model {w}/m.pt --data {w}/raw --workers 0 -q",
+     "150x150 image where 112x96 aligned face crops are expected"),
+    ("embed {w}/raw --aligned --model {w}/m.pt -o {w}/out/f.npz -q", "not the 112x96 aligned face crops"),
+    ("afs {w}/raw --model {w}/m.pt -q", "not the 112x96 aligned face crops"),
+    # outputs that cannot be written, found before the work
+    ("embed {w}/aligned --aligned --model {w}/m.pt -o /proc/nowhere/f.npz -q",
+     "cannot write /proc/nowhere/f.npz"),
+    ("evaluate --pairs {w}/pairs.txt --model {w}/m.pt --data {w}/aligned -o /proc/x/r.json -q",
+     "cannot write /proc/x/r.json"),
+    ("evaluate --pairs {w}/pairs.txt --model {w}/m.pt --data {w}/aligned --roc /proc/x/roc.png -q",
+     "cannot write /proc/x/roc.png"),
+    ("export {w}/m.pt -o /proc/x/m.onnx", "cannot write /proc/x/m.onnx"),
+    ("report {w}/run/x --plot /proc/x/p.png", "cannot write /proc/x/p.png"),
+    ("train --list {w}/list.txt --out /proc/x/run --device cpu -q", "cannot write /proc/x/run"),
+    # devices
+    ("detect {w}/raw --device gpu -o {w}/out/m.jsonl -q",
+     "--device 'gpu': expected cpu, cuda, cuda:N or auto"),
+    ("train --list {w}/list.txt --out {w}/out/r --device gpu -q", "expected cpu, cuda, cuda:N or auto"),
+    # bad model files
+    ("evaluate --pairs {w}/pairs.txt --model {w}/empty.pt --data {w}/aligned -q", "empty.pt: empty file"),
+    ("evaluate --pairs {w}/pairs.txt --model {w}/photo.pt --data {w}/aligned -q",
+     "photo.pt: not a PyTorch model or checkpoint file"),
+    ("evaluate --pairs {w}/pairs.txt --model {w}/text.pt --data {w}/aligned -q",
+     "text.pt: not a PyTorch model or checkpoint file"),
+    ("verify {w}/notimg.jpg {w}/notimg.jpg --model {w}/m.pt", "notimg.jpg: not a recognisable image"),
+    # reports and recipes
+    ("report {w}/run/x --key foo", "its log has no 'foo'"),
+    ("train --list {w}/list.txt --out {w}/out/r --batch-size 0 -q", "batch_size must be above 0"),
+    ("train --list {w}/list.txt --out {w}/out/r --lr-steps 10,abc -q", "lr_steps: expected iterations"),
+    ("train --list {w}/list.txt --out {w}/out/r --config {w}/batch.toml -q",
+     "batch.toml: batch_size: expected a whole number, got 16.5"),
+    ("train --list {w}/list.txt --out {w}/out/r --config {w}/typo.toml -q", "did you mean batch_size?"),
+    ("train --list {w}/list.txt --out {w}/out/r --head cosface --lambda-hold 400 -q",
+     "the cosface head does not take lambda_hold"),
+    ("train --list {w}/far.txt --out {w}/out/r -q", "label 3000 is far above the other labels"),
+    # outputs that would replace something
+    ("export {w}/m.pt -o {w}/m.pt --overwrite", "is the input itself"),
+    ("export {w}/m.pt -o {w}/existing.onnx", "existing.onnx exists; add --overwrite"),
+    ("import {w}/m.pt -o {w}/existing.onnx", "existing.onnx exists; add --overwrite"),
+    # stages given the wrong thing
+    ("align {w}/raw/{first} -o {w}/out/a -q", "is a photo; align reads the landmarks"),
+    ("align {w}/gone.jsonl -o {w}/out/a -q", "none of the 1 images could be aligned"),
+    ("detect {w}/nobody -o {w}/out/n.jsonl -q", "no images"),
+]
+if NO_GPU:
+    MISTAKES += [
+        ("detect {w}/raw --device cuda -o {w}/out/m.jsonl -q", "PyTorch sees no GPU"),
+        ("verify {w}/notimg.jpg {w}/notimg.jpg --model {w}/m.pt --device cuda", "PyTorch sees no GPU"),
+        ("evaluate --pairs {w}/pairs.txt --model {w}/m.pt --data {w}/aligned --device cuda -q",
+         "PyTorch sees no GPU"),
+        ("train --list {w}/list.txt --out {w}/out/r --device CUDA -q", "PyTorch sees no GPU"),
+        ("train --list {w}/list.txt --out {w}/out/r --gpus 0 -q", "--gpus 0: PyTorch sees no GPU"),
+        ("train --list {w}/list.txt --out {w}/out/r --gpus 0,1 -q", "--gpus 0,1: PyTorch sees no GPU"),
+    ]
+
+
+@pytest.mark.parametrize("command, message", MISTAKES,
+                         ids=[f"{m[0].split()[0]}:{m[1][:40]}" for m in MISTAKES])
+def test_mistake_is_one_clear_line(work, command, message):
+    first = sorted(os.listdir(work / "raw"))[0]
+    before = snapshot(work)
+    args = command.format(w=work, first=f"{first}/{first}_0001.jpg").split()
+    r = subprocess.run(SPHEREFACE + args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    assert message in lines[0], lines[0]
+    after = snapshot(work)
+    assert {p: h for p, h in after.items() if p in before} == before, "an existing file changed"
+
+
+def test_evaluate_on_another_pair_list_keeps_the_calibration(work):
+    """A result on a pair list other than LFW's own is named after it: the model's
+    calibration (MODEL.lfw.json) is not replaced."""
+    (work / "m.lfw.json").write_text(json.dumps({"calibration": {"mean": None, "threshold": 0.3,
+                                                                 "flip": "concat"}}))
+    kept = (work / "m.lfw.json").read_text()
+    r = subprocess.run(SPHEREFACE + ["evaluate", "--pairs", str(work / "pairs.txt"), "--model",
+                                     str(work / "m.pt"), "--data", str(work / "aligned"), "--workers", "0",
+                                     "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (work / "m.pairs.json").is_file() and (work / "m.lfw.json").read_text() == kept
+    (work / "m.pairs.json").unlink()
+    (work / "m.lfw.json").unlink()
+
+
+def test_an_output_in_use_is_refused_and_a_stale_lock_taken_over(work, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    lock = Path(str(manifest) + ".lock")
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now",
+                                "command": "sphereface detect elsewhere"}))
+    r = subprocess.run(SPHEREFACE + ["detect", str(work / "raw"), "-o", str(manifest), "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and f"being written by another detect (pid {os.getpid()}" in r.stderr
+    assert not manifest.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True)
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    r = subprocess.run(SPHEREFACE + ["detect", str(work / "raw"), "-o", str(manifest), "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert manifest.exists() and not lock.exists(), "the stale lock was taken over and released"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    r = subprocess.run(SPHEREFACE + ["train", "--list", str(work / "list.txt"), "--out", str(run),
+                                     "--device", "cpu", "--max-iter", "1", "--batch-size", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "being written by another training run" in r.stderr
+    assert not (run / "log.jsonl").exists()
+
+
+def test_two_processes_fail_like_one(work, tmp_path):
+    """A missing image under --nproc 2: one error line from the launcher, no tracebacks."""
+    broken = tmp_path / "list.txt"
+    broken.write_text((work / "list.txt").read_text() + f"{work}/aligned/nobody.jpg 1\n")
+    r = subprocess.run(SPHEREFACE + ["train", "--list", str(broken), "--out", str(tmp_path / "r"),
+                                     "--nproc", "2", "--device", "cpu", "--batch-size", "1", "--max-iter",
+                                     "2", "-q"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "list.txt:5: image not found" in errors[0]
