@@ -48,6 +48,15 @@ demo: install
 	$(SF) align $(OUT)/lfw.landmarks.jsonl -o $(OUT)/lfw-112X96 --no-face mean
 	$(SF) train --config $(RECIPE) --list $(OUT)/celeba-112X96.txt --out $(RUN) --resume
 	$(SF) evaluate --pairs $(DATA)/pairs.txt --model $(RUN)/model.pt --data $(OUT)/lfw-112X96
+ifneq ($(wildcard $(DATA)/cfp/Protocol),)
+	$(SF) detect $(DATA)/cfp/Data/Images -o $(OUT)/cfp.landmarks.jsonl
+	$(SF) align $(OUT)/cfp.landmarks.jsonl -o $(OUT)/cfp-112X96 --no-face mean
+	printf '[lfw]\npairs = "%s"\ndata = "lfw-112X96"\n\n[cfp-fp]\ncfp = "%s"\nsplit = "FP"\ndata = "cfp-112X96"\n' \
+	  $(abspath $(DATA)/pairs.txt) $(abspath $(DATA)/cfp/Protocol) > $(OUT)/benchmarks.toml
+	$(SF) evaluate --model $(RUN)/model.pt --benchmarks $(OUT)/benchmarks.toml
+else
+	@echo "CFP is not in $(DATA)/cfp: the demo ends with LFW alone (docs/results.md, 'Benchmarks')"
+endif
 
 # The open-set demo on the bundled wild photos with the demo's model: half the
 # people known from one photo each, every other face named or called unknown.

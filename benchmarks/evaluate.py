@@ -27,7 +27,8 @@ from common import DATA, machine, need_data
 from spherecli.align import align_manifests
 from spherecli.data import load_face, to_chw
 from spherecli.detect import detect_tree
-from spherecli.evaluate import distinct_images, evaluate_features, read_pairs
+from spherecli.benchmarks import distinct_images, read_pairs
+from spherecli.evaluate import evaluate_features
 from spherecli.export import export
 from spherecli.features import embed, extract, load_network
 from spherecli.formats import InputSpec, ModelFile

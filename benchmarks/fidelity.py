@@ -34,7 +34,8 @@ import torch
 from common import DATA, need_data
 from spherecli.align import MATLAB_ORIGIN, reference_points, similarity_transform
 from spherecli.detect import DetectSettings, FaceDetector, select_face
-from spherecli.evaluate import distinct_images, evaluate_features, read_pairs
+from spherecli.benchmarks import distinct_images, read_pairs
+from spherecli.evaluate import evaluate_features
 from spherecli.features import embed, load_network
 from spherecli.formats import read_manifest
 from spherecli.images import decode

@@ -254,8 +254,12 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
 
 
 @cli.command()
-@click.option("--pairs", type=EXISTING_FILE, required=True,
+@click.option("--pairs", type=EXISTING_FILE,
               help="Pair list in the LFW format (pairs.txt: header, then 'name i j' / 'name1 i name2 j').")
+@click.option("--benchmarks", "benchmarks_file", type=EXISTING_FILE, help="Instead of --pairs and --data: a "
+              "TOML file naming benchmarks (LFW-format pairs, CFP's protocol, insightface .bin files) and "
+              "their aligned crops; each gets MODEL.<name>.json and a line of one table (docs/formats.md).")
+@click.option("--benchmark", "names", multiple=True, help="With --benchmarks: only this one; repeatable.")
 @click.option("--model", type=EXISTING_FILE, help="model.pt from `sphereface train` or `sphereface "
               "import`, a checkpoint, or an ONNX face network.")
 @click.option("--data", type=EXISTING_FOLDER, help="Aligned images of the pair list (e.g. lfw-112X96).")
@@ -278,9 +282,11 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
 @click.option("--batch-size", default=128, help="Images per forward pass.")
 @click.option("--workers", default=2, help="DataLoader worker processes.")
 @quiet
-def evaluate(pairs, model, data, features, save_features, pattern, flip, mean_subtract, skip_missing, arch,
-             input_spec, output, roc, scores, device, amp, batch_size, workers, quiet):
-    """Verification accuracy on a pair list (LFW view 2), as the original evaluation.m.
+def evaluate(pairs, benchmarks_file, names, model, data, features, save_features, pattern, flip,
+             mean_subtract, skip_missing, arch, input_spec, output, roc, scores, device, amp, batch_size,
+             workers, quiet):
+    """Verification accuracy on a pair list (LFW view 2), as the original evaluation.m, or
+    on several benchmarks at once.
 
     Prints the per-fold table and the mean; writes every number (folds,
     thresholds, ROC AUC, EER, TAR at FAR 1e-3 and 1e-2, best single
@@ -288,6 +294,24 @@ def evaluate(pairs, model, data, features, save_features, pattern, flip, mean_su
     """
     from spherecli.evaluate import evaluate as run, fold_table, summary_lines
 
+    if benchmarks_file:
+        from spherecli.benchmarks import load_benchmarks
+        from spherecli.evaluate import SUMMARY_COLUMNS, evaluate_many, summary_row
+
+        if model is None:
+            raise UserError("--benchmarks needs --model")
+        results = evaluate_many(load_benchmarks(benchmarks_file, list(names)), model, flip=flip,
+                                mean_subtract=mean_subtract, skip_missing=skip_missing, arch=arch,
+                                input_spec=input_spec, batch_size=batch_size, workers=workers, device=device,
+                                amp=amp, progress=not quiet)
+        table = Table(*SUMMARY_COLUMNS)
+        for result in results:
+            table.add_row(*summary_row(result))
+        stdout().print(table)
+        console.print("wrote " + ", ".join(r["output"] for r in results))
+        return
+    if pairs is None:
+        raise UserError("give --pairs (with --model and --data, or --features), or --benchmarks")
     result = run(pairs, model=model, data=data, features=features, save_features_to=save_features,
                  output=output, roc_png=roc, scores_csv=scores, pattern=pattern, flip=flip,
                  mean_subtract=mean_subtract, skip_missing=skip_missing, arch=arch, input_spec=input_spec,

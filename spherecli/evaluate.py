@@ -1,80 +1,25 @@
-"""Stage 5: verification on a pair list (LFW view 2), as the original evaluation.m.
+"""Stage 5: verification on LFW view 2 and other benchmarks, as the original evaluation.m.
 
-Reads the pairs, extracts one feature per distinct image (or reads saved
-features), runs the protocol of spherecli.metrics and writes the result
-JSON, and on request the ROC picture, the per-pair scores and the features.
+Reads a benchmark's pairs (spherecli.benchmarks), extracts one feature per
+distinct image (or reads saved features), runs the protocol of
+spherecli.metrics and writes the result JSON, and on request the ROC picture,
+the per-pair scores and the features.
 Every output is checked for writability before the features are extracted,
 so a long run is never lost to a typo in a path.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from spherecli import UserError
+from spherecli.benchmarks import Benchmark, Pairs, decode_crops, distinct_images, fit_crops, read_pairs
 from spherecli.formats import load_features, result_path, save_features, writable
 from spherecli.metrics import calibrate, roc, verification
 from spherecli.registry import LFW_PATTERN
-
-# The official LFW view-2 pairs.txt, lines with their whitespace normalised: only a
-# result on exactly these pairs is named MODEL.lfw.json, the calibration of a model.
-LFW_PAIRS_SHA1 = "ef3ca5828e409d11fc3b3d01b8b7cbe55eb549a9"
-
-
-@dataclass
-class Pairs:
-    folds: int
-    per_fold: int           # pairs of each kind per fold (300 in LFW)
-    left: list[str]         # image paths, relative to the data folder
-    right: list[str]
-    same: np.ndarray        # bool per pair
-    name: str = "lfw"       # what results on them are called: lfw for the official list
-
-
-def read_pairs(path: str | Path, pattern: str = LFW_PATTERN) -> Pairs:
-    """The standard LFW pairs file: a 'folds<TAB>n' header, then 2 n lines per fold."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read pairs {path}: {getattr(e, 'strerror', None) or e}") from None
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or not all(v.isdigit() for v in head):
-        raise UserError(f"{path}:1: expected a header '<folds> <pairs per fold and kind>', "
-                        f"got {lines[0][:60] if lines else 'an empty file'!r}")
-    folds, per_fold = int(head[0]), int(head[1])
-    left, right, same = [], [], []
-    for lineno, line in enumerate(lines[1:], 2):
-        f = line.split()
-        if not f:
-            continue
-        try:
-            if len(f) == 3:
-                a, b, s = (f[0], int(f[1])), (f[0], int(f[2])), True
-            elif len(f) == 4:
-                a, b, s = (f[0], int(f[1])), (f[2], int(f[3])), False
-            else:
-                raise ValueError
-        except ValueError:
-            raise UserError(f"{path}:{lineno}: expected 'name i j' or 'name1 i name2 j', "
-                            f"got {line.strip()[:80]!r}") from None
-        left.append(pattern.format(name=a[0], num=a[1]))
-        right.append(pattern.format(name=b[0], num=b[1]))
-        same.append(s)
-    if len(same) != 2 * folds * per_fold:
-        raise UserError(f"{path}: the header promises {folds} folds x {2 * per_fold} pairs = "
-                        f"{2 * folds * per_fold}, the file has {len(same)}")
-    digest = hashlib.sha1("\n".join(" ".join(x.split()) for x in lines if x.strip()).encode()).hexdigest()
-    return Pairs(folds, per_fold, left, right, np.array(same),
-                 "lfw" if digest == LFW_PAIRS_SHA1 else Path(path).stem)
-
-
-def distinct_images(pairs: Pairs) -> list[str]:
-    return sorted(set(pairs.left) | set(pairs.right))
 
 
 def evaluate_features(features: np.ndarray, index: dict[str, int], pairs: Pairs,
@@ -101,9 +46,10 @@ def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: s
              mean_subtract: bool = True, skip_missing: bool = False, arch: str | None = None,
              input_spec: str | None = None, batch_size: int = 128, workers: int = 2, device: str = "cpu",
              amp: str = "none", progress: bool = True) -> dict:
-    """Features (from a model and aligned images, or from a file), the protocol, and the
-    files asked for. The result JSON goes to output, by default next to the model:
-    MODEL.lfw.json for the official LFW pairs, MODEL.<pairs file name>.json for others."""
+    """One pair list in LFW's format: features (from a model and aligned images, or from a
+    file), the protocol, and the files asked for. The result JSON goes to output, by
+    default next to the model: MODEL.lfw.json for the official LFW pairs,
+    MODEL.<pairs file name>.json for others."""
     pairs = read_pairs(pairs_path, pattern)
     if features is None and (model is None or data is None):
         raise UserError("give --model and --data (aligned images), or --features")
@@ -111,28 +57,62 @@ def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: s
     for path in (roc_png, scores_csv, save_features_to):
         if path is not None:
             writable(path)
-    names = distinct_images(pairs)
+    net = None if features is not None else _network(model, device, amp, arch, input_spec)
+    bench = Benchmark(pairs.name, pairs, data=None if data is None else Path(data), source=str(pairs_path))
+    result = run_benchmark(bench, net=net, features=features, save_features_to=save_features_to, flip=flip,
+                           mean_subtract=mean_subtract, skip_missing=skip_missing, batch_size=batch_size,
+                           workers=workers, amp=amp, progress=progress)
+    result["settings"]["pattern"] = pattern
+    write_outputs(result, pairs, output, roc_png, scores_csv)
+    return result
+
+
+def evaluate_many(benchmarks: list[Benchmark], model: str | Path, *, flip: str = "concat",
+                  mean_subtract: bool = True, skip_missing: bool = False, arch: str | None = None,
+                  input_spec: str | None = None, batch_size: int = 128, workers: int = 2,
+                  device: str = "cpu", amp: str = "none", progress: bool = True) -> list[dict]:
+    """Several benchmarks with one model, each result next to the model as MODEL.<name>.json."""
+    outputs = [writable(result_path(model, b.name)) for b in benchmarks]
+    net = _network(model, device, amp, arch, input_spec)
+    results = []
+    for bench, output in zip(benchmarks, outputs):
+        result = run_benchmark(bench, net=net, flip=flip, mean_subtract=mean_subtract,
+                               skip_missing=skip_missing, batch_size=batch_size, workers=workers, amp=amp,
+                               progress=progress)
+        write_outputs(result, bench.pairs, output)
+        results.append(result)
+    return results
+
+
+def _network(model, device, amp, arch, input_spec):
+    from spherecli.features import load_network
+
+    return load_network(model, device=device, amp=amp, arch=arch, input_spec=input_spec)
+
+
+def run_benchmark(bench: Benchmark, *, net=None, features: str | Path | None = None,
+                  save_features_to: str | Path | None = None, flip: str = "concat",
+                  mean_subtract: bool = True,
+                  skip_missing: bool = False, batch_size: int = 128, workers: int = 2, amp: str = "none",
+                  progress: bool = True) -> dict:
+    """The protocol on one benchmark, with features from the network or from a file."""
+    pairs, names = bench.pairs, distinct_images(bench.pairs)
     if features is not None:
         stored_names, stored, made = load_features(features)
         index = {n: i for i, n in enumerate(stored_names)}
         # How the features were made, not how this call would make them.
         flip, amp = made.get("flip", flip), made.get("amp", amp)
-        missing = [n for n in names if n not in index]
-        where = str(features)
+        missing, where = [n for n in names if n not in index], str(features)
+    elif bench.data is not None:
+        missing, where = [n for n in names if not (bench.data / n).is_file()], str(bench.data)
     else:
-        from spherecli.features import extract, load_network
-
-        net = load_network(model, device=device, amp=amp, arch=arch, input_spec=input_spec)
-        data = Path(data)
-        missing = [n for n in names if not (data / n).is_file()]
-        where = str(data)
+        missing, where = [], bench.source
     if missing and not skip_missing:
         raise _missing(missing, where)
     absent = set(missing)
     present = [n for n in names if n not in absent]
     if features is None:
-        stored = extract(net, [str(data / n) for n in present], flip=flip, batch_size=batch_size,
-                         workers=workers, progress=progress)
+        stored = _extract(bench, net, present, flip, batch_size, workers, progress)
         index = {n: i for i, n in enumerate(present)}
     row = {n: i for i, n in enumerate(names)}
     table = np.full((len(names), stored.shape[1]), np.nan)  # a missing image scores NaN: a failure
@@ -142,15 +122,35 @@ def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: s
         save_features(save_features_to, present, table[[row[n] for n in present]], flip=flip, amp=amp)
     result = evaluate_features(table, row, pairs, mean_subtract)
     result["calibration"]["flip"] = flip
-    result.update(benchmark=pairs.name, pairs_file=str(pairs_path),
-                  model=None if model is None else str(model), data=None if data is None else str(data),
+    result.update(benchmark=bench.name, pairs_file=bench.source,
+                  model=None if net is None else net.name,
+                  data=None if bench.data is None else str(bench.data),
                   features_file=None if features is None else str(features), images=len(names),
                   missing=len(missing),
-                  settings={"flip": flip, "mean_subtract": mean_subtract, "pattern": pattern, "amp": amp,
+                  settings={"flip": flip, "mean_subtract": mean_subtract, "amp": amp,
+                            "crops": f"{bench.size[0]}x{bench.size[1]} {bench.reference}",
                             "protocol": "evaluation.m: mean of other folds subtracted, cosine, "
                                         "threshold grid -1:1e-4:1 chosen on the other folds"})
-    write_outputs(result, pairs, output, roc_png, scores_csv)
     return result
+
+
+def _extract(bench: Benchmark, net, names: list[str], flip: str, batch_size: int, workers: int,
+             progress: bool) -> np.ndarray:
+    """Features of a benchmark's crops: read by DataLoader workers from its folder, or
+    decoded from the encoded images it holds and fitted to the network's input."""
+    import torch
+
+    from spherecli.features import embed, extract
+
+    if bench.data is not None:
+        return extract(net, [str(bench.data / n) for n in names], flip=flip, batch_size=batch_size,
+                       workers=workers, progress=progress, desc=bench.name)
+    out = []
+    for i in range(0, len(names), batch_size):
+        crops = decode_crops([bench.images[n] for n in names[i:i + batch_size]], bench.source)
+        batch = np.ascontiguousarray(fit_crops(crops, bench.reference, bench.size, net.spec))
+        out.append(embed(net, torch.from_numpy(batch), flip))
+    return np.concatenate(out).astype(np.float64)
 
 
 def write_outputs(result: dict, pairs: Pairs, output: Path, roc_png=None, scores_csv=None) -> None:
@@ -172,6 +172,17 @@ def fold_table(result: dict) -> list[tuple[str, str]]:
     """The original's per-fold print-out: fold 1..10, ACC, then AVE."""
     rows = [(str(r["fold"]), f"{100 * r['accuracy']:.2f}") for r in result["folds"]]
     return rows + [("AVE", f"{100 * result['mean']:.2f}")]
+
+
+SUMMARY_COLUMNS = ("benchmark", "accuracy (%)", "ROC AUC", "EER (%)", "TAR@FAR=1e-3 (%)", "images", "missing")
+
+
+def summary_row(result: dict) -> tuple[str, ...]:
+    """One benchmark's line of the table `evaluate --benchmarks` prints."""
+    return (result["benchmark"], f"{100 * result['mean']:.2f} +- {100 * result['std']:.2f}",
+            f"{result['roc_auc']:.4f}", f"{100 * result['eer']:.2f}",
+            f"{100 * result['tar_at_far_0.001']:.2f}",
+            str(result["images"]), str(result["missing"]))
 
 
 def summary_lines(result: dict) -> str:

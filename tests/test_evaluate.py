@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from spherecli import UserError
-from spherecli.evaluate import evaluate, read_pairs
+from spherecli.benchmarks import read_pairs
+from spherecli.evaluate import evaluate
 from spherecli.metrics import THRESHOLDS, accuracy, best_threshold, roc, verification
 from spherecli.features import extract, load_network
 from spherecli.models import create_model
