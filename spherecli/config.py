@@ -29,6 +29,9 @@ class TrainConfig:
                                     "instead of stopping.")
     cache: bool = opt(False, "Decode every image once into memory (fast on CPU; needs "
                              "~32 KB per 112x96 image).")
+    cache_file: str | None = opt(None, "Decode the list's images once into this file (uint8, about 32 KB "
+                                       "per 112x96 face; memory-mapped and shared by every process, for "
+                                       "data larger than memory or several GPUs); made on first use.")
     workers: int = opt(4, "DataLoader worker processes per training process.")
     # network
     arch: str = opt("sphere20", "Network: " + ", ".join(NETWORKS.names) + " (`--list-archs`).")

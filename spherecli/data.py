@@ -9,6 +9,7 @@ which quarters the bytes moved to a GPU.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from spherecli import UserError
+from spherecli.formats import cache_key, cache_matches, write_cache_key
 
 
 def load_face(path: str) -> np.ndarray:
@@ -130,30 +132,66 @@ class EpochBatches:
 
 
 class CachedFaces:
-    """Every image decoded once into one uint8 tensor, for data that fits in memory.
+    """Every image decoded once into one uint8 array (N, 3, H, W).
 
-    On a CPU the DataLoader's worker processes compete with training for the
-    same few cores; decoding each image once removes that cost from every epoch.
+    In memory (`--cache`), for data that fits: on a CPU the DataLoader's worker
+    processes compete with training for the same few cores, and decoding each
+    image once removes that cost from every epoch. Or in a file (`--cache-file`),
+    memory-mapped: one copy in the page cache however many processes train, no
+    decoding at all after the first run, and batches that are an indexed read.
     """
 
-    def __init__(self, items: list[tuple[str, int]], workers: int = 0):
-        loader = DataLoader(FaceList(items), batch_size=256, num_workers=workers,
-                            sampler=[(i, False) for i in range(len(items))])
-        self.images = torch.cat([x for x, _ in loader])
-        self.labels = torch.tensor([label for _, label in items])
+    def __init__(self, images, labels: list[int]):
+        self.images, self.labels = images, torch.tensor(labels)
+
+    @classmethod
+    def in_memory(cls, items: list[tuple[str, int]], workers: int = 0) -> "CachedFaces":
+        return cls(torch.cat([x for x, _ in _decoder(items, workers)]), [label for _, label in items])
+
+    @classmethod
+    def in_file(cls, items: list[tuple[str, int]], path: str | Path, workers: int = 0,
+                build: bool = True) -> "CachedFaces":
+        """Open the cache file of these items, making it first (when build) if it is
+        missing or was made from another list."""
+        path = Path(path)
+        key = cache_key(items)
+        if build and not cache_matches(path, key):
+            first = load_face(items[0][0])
+            tmp = path.with_name(path.name + ".tmp")
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                            shape=(len(items), 3, *first.shape[:2]))
+            at = 0
+            for x, _ in _decoder(items, workers):
+                out[at:at + len(x)] = x.numpy()
+                at += len(x)
+            out.flush()
+            del out
+            os.replace(tmp, path)
+            write_cache_key(path, key, len(items), first.shape[:2])
+        if not cache_matches(path, key):
+            raise UserError(f"{path}: the image cache is missing or was made from another list")
+        return cls(np.load(path, mmap_mode="r"), [label for _, label in items])
 
     def batch(self, keys):
-        index = torch.tensor([k for k, _ in keys])
+        index = np.array([k for k, _ in keys])
         flip = torch.tensor([f for _, f in keys])
-        x = self.images[index]
+        x = self.images[torch.from_numpy(index)] if torch.is_tensor(self.images) \
+            else torch.from_numpy(self.images[index])
         x[flip] = x[flip].flip(-1)
         return x, self.labels[index]
 
 
-def batches(items, sampler: EpochBatches, workers: int, cache: bool, pin: bool = False):
+def _decoder(items, workers: int):
+    return worker_errors(DataLoader(FaceList(items), batch_size=256, num_workers=workers,
+                                    sampler=[(i, False) for i in range(len(items))]))
+
+
+def batches(items, sampler: EpochBatches, workers: int, cache: bool, pin: bool = False,
+            cache_file: str | None = None, build: bool = True):
     """Iterator of (uint8 images, labels) for the sampler's batches."""
-    if cache:
-        store = CachedFaces(items, workers)
+    if cache_file or cache:
+        store = (CachedFaces.in_file(items, cache_file, workers, build) if cache_file
+                 else CachedFaces.in_memory(items, workers))
         return (store.batch(keys) for keys in sampler)
     return worker_errors(DataLoader(FaceList(items), batch_sampler=sampler, num_workers=workers,
                                     pin_memory=pin, persistent_workers=False,

@@ -593,3 +593,32 @@ def result_path(model: str | Path, benchmark: str = "lfw") -> Path:
     """Where `evaluate` writes a model's result on a benchmark, next to the model:
     MODEL.lfw.json is the one `verify` and `identify` calibrate with."""
     return Path(str(Path(model).with_suffix("")) + f".{benchmark}.json")
+
+
+# --------------------------------------------------------------------------- image cache
+
+def cache_key(items) -> str:
+    """What a decoded-image cache was made from: its list's paths and labels, in order."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for path, label in items:
+        h.update(f"{path}\t{label}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def cache_matches(path: str | Path, key: str) -> bool:
+    """A cache file (`.npy` of uint8 (N, 3, H, W)) is used only with its key file beside it,
+    PATH.json, naming the same list; it is written last, so a half-made cache never counts."""
+    try:
+        return json.loads(Path(str(path) + ".json").read_text())["list_sha1"] == key and Path(path).is_file()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def write_cache_key(path: str | Path, key: str, images: int, size) -> None:
+    meta = {"format": "spherecli.cache", "version": 1, "list_sha1": key, "images": images,
+            "size": [int(v) for v in size]}
+    tmp = Path(str(path) + ".json.tmp")
+    tmp.write_text(json.dumps(meta) + "\n")
+    os.replace(tmp, str(path) + ".json")

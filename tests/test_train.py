@@ -289,3 +289,27 @@ def test_report_of_a_run_that_stopped_before_its_first_row(synthetic_list, tmp_p
     r = subprocess.run([sys.executable, "-m", "spherecli", "report", str(out), "--key", "foo", "--plot",
                         str(tmp_path / "x.png")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error:") and not (tmp_path / "x.png").exists()
+
+
+def test_the_image_cache_file_gives_the_batches_of_the_jpegs(synthetic_list, tmp_path):
+    from spherecli.data import CachedFaces
+    from spherecli.formats import read_list
+
+    items = read_list(synthetic_list)
+    sampler = EpochBatches(len(items), 16, seed=5, stop=12)
+    decoded = list(batches(items, sampler, 0, False))
+    cached = list(batches(items, sampler, 0, False, cache_file=tmp_path / "faces.npy"))
+    assert len(decoded) == len(cached) == 12
+    for (x, y), (cx, cy) in zip(decoded, cached):
+        assert torch.equal(x, cx) and torch.equal(y, cy)
+    made = (tmp_path / "faces.npy").stat().st_mtime_ns
+    CachedFaces.in_file(items, tmp_path / "faces.npy")
+    assert (tmp_path / "faces.npy").stat().st_mtime_ns == made, "a valid cache is reused"
+    with pytest.raises(UserError, match="made from another list"):
+        CachedFaces.in_file(items[:-1], tmp_path / "faces.npy", build=False)
+    assert len(CachedFaces.in_file(items[:-1], tmp_path / "faces.npy").images) == len(items) - 1
+    # Training from the cache file follows the curve of training from memory.
+    a = launch(run_cfg(synthetic_list, tmp_path / "mem", amp="none", max_iter=10))
+    b = launch(run_cfg(synthetic_list, tmp_path / "file", amp="none", max_iter=10, cache=False,
+                       cache_file=str(tmp_path / "train.npy")))
+    assert a["loss"] == b["loss"]
