@@ -342,7 +342,9 @@ def detect_tree(root: str | Path, manifest: str | Path | None = None, settings: 
         bar = tqdm(total=len(pending), unit="img", desc="detect", disable=not progress or not pending,
                    dynamic_ncols=True)
         try:
-            with map_batches(_detect_batch, jobs, workers, _init_worker, init_args) as results:
+            # Workers fork from a server that imported facenet-pytorch once (1 s each otherwise).
+            with map_batches(_detect_batch, jobs, workers, _init_worker, init_args,
+                             preload=("facenet_pytorch",)) as results:
                 for records in results:
                     writer.write(records)
                     written += len(records)

@@ -29,7 +29,7 @@ def _init(initializer: Callable, args: tuple) -> None:
 
 @contextmanager
 def map_batches(fn: Callable, jobs: Iterable, workers: int, initializer: Callable,
-                initargs: tuple = ()) -> Iterator[Iterator]:
+                initargs: tuple = (), preload: tuple[str, ...] = ()) -> Iterator[Iterator]:
     """Yield an iterator of fn(job) results, in completion order.
 
     With workers > 1 the jobs run in that many worker processes, each set up
@@ -40,7 +40,7 @@ def map_batches(fn: Callable, jobs: Iterable, workers: int, initializer: Callabl
         initializer(*initargs)
         yield map(fn, jobs)
         return
-    pool = ProcessPoolExecutor(workers, _context(fn.__module__), _init, (initializer, initargs))
+    pool = ProcessPoolExecutor(workers, _context([fn.__module__, *preload]), _init, (initializer, initargs))
     try:
         yield _in_completion_order(pool, fn, iter(jobs), 2 * workers)
     finally:
@@ -64,7 +64,7 @@ def _in_completion_order(pool: ProcessPoolExecutor, fn: Callable, jobs: Iterator
                         "resumes it") from None
 
 
-def _context(module: str):
+def _context(modules: list[str]):
     """Workers fork from a fresh server process that has imported `module`.
 
     Forking this process instead can deadlock: a child inherits the locks of
@@ -74,5 +74,5 @@ def _context(module: str):
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([module])
+    ctx.set_forkserver_preload(modules)
     return ctx
