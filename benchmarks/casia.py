@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +68,7 @@ def step(name: str, work: Path) -> dict:
         overrides = {"list": str(lst), "out": str(run), "arch": "sphere20", "batch_size": 64, "workers": 2,
                      "max_iter": 3 if name == "train" else 5, "snapshot": 3, "display": 1, "device": "cpu"}
         if name == "train":
+            shutil.rmtree(run, ignore_errors=True)
             cfg, resuming = load_config(None, overrides), False
         else:
             cfg, resuming = resolve(None, overrides, True)

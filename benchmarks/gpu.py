@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spherecli.config import TrainConfig  # noqa: E402
-from spherecli.formats import InputSpec, read_list  # noqa: E402
+from spherecli.formats import ImageList, InputSpec, read_list  # noqa: E402
 from spherecli.losses import create_head  # noqa: E402
 from spherecli.models import create_model  # noqa: E402
 from spherecli.train import Trainee, Trainer  # noqa: E402
@@ -146,7 +146,7 @@ def training_speed(device, arch: str, batch: int, iters: int, classes: int) -> l
         trainee = Trainee(create_model(arch), create_head("asoftmax", 512, classes)).to(device)
         if channels_last:
             trainee.to(memory_format=torch.channels_last)
-        t = Trainer(cfg, trainee, InputSpec(), [("", c) for c in range(classes)], device=device)
+        t = Trainer(cfg, trainee, InputSpec(), ImageList([""] * classes, range(classes)), device=device)
         if compiled:
             t.trainee.backbone = torch.compile(t.trainee.backbone)
         return t

@@ -512,7 +512,7 @@ def report(runs, plot, key, as_json):
     if plot:
         writable(plot)
     rows = [summarize(r) for r in runs]
-    series = curves(runs, key)  # a bad --key fails before anything is printed
+    series = curves(runs, key, drawing=bool(plot))  # a bad --key fails before anything is printed
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from spherecli import UserError
-from spherecli.formats import cache_key, cache_matches, write_cache_key
+from spherecli.formats import ImageList, cache_key, cache_matches, write_cache_key
 
 
 def load_face(path: str) -> np.ndarray:
@@ -72,20 +72,16 @@ class FaceList(Dataset):
         return to_chw(img), label
 
 
-def check_images(items: list[tuple[str, int]], list_path: str, skip_missing: bool):
+def check_images(items: ImageList, list_path: str, skip_missing: bool) -> tuple[ImageList, int]:
     """Fail on the first missing image, naming its list line, or drop and count them."""
-    kept, missing = [], 0
-    for lineno, (path, label) in enumerate(items, 1):
-        if os.path.isfile(path):
-            kept.append((path, label))
-        elif skip_missing:
-            missing += 1
-        else:
-            raise UserError(f"{list_path}:{lineno}: image not found: {path} "
-                            "(--skip-missing leaves such lines out)")
-    if not kept:
+    exists = np.array([os.path.isfile(path) for path, _ in items], dtype=bool)
+    if not exists.all() and not skip_missing:
+        lineno = int(np.argmin(exists)) + 1
+        raise UserError(f"{list_path}:{lineno}: image not found: {items[lineno - 1][0]} "
+                        "(--skip-missing leaves such lines out)")
+    if not exists.any():
         raise UserError(f"{list_path}: none of the listed images exist")
-    return kept, missing
+    return ImageList(items.paths[exists], items.labels[exists]), int((~exists).sum())
 
 
 class EpochBatches:
@@ -141,12 +137,12 @@ class CachedFaces:
     decoding at all after the first run, and batches that are an indexed read.
     """
 
-    def __init__(self, images, labels: list[int]):
-        self.images, self.labels = images, torch.tensor(labels)
+    def __init__(self, images, labels: np.ndarray):
+        self.images, self.labels = images, torch.from_numpy(labels)
 
     @classmethod
     def in_memory(cls, items: list[tuple[str, int]], workers: int = 0) -> "CachedFaces":
-        return cls(torch.cat([x for x, _ in _decoder(items, workers)]), [label for _, label in items])
+        return cls(torch.cat([x for x, _ in _decoder(items, workers)]), items.labels)
 
     @classmethod
     def in_file(cls, items: list[tuple[str, int]], path: str | Path, workers: int = 0,
@@ -170,7 +166,7 @@ class CachedFaces:
             write_cache_key(path, key, len(items), first.shape[:2])
         if not cache_matches(path, key):
             raise UserError(f"{path}: the image cache is missing or was made from another list")
-        return cls(np.load(path, mmap_mode="r"), [label for _, label in items])
+        return cls(np.load(path, mmap_mode="r"), items.labels)
 
     def batch(self, keys):
         index = np.array([k for k, _ in keys])

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from spherecli import UserError, __version__
 
 MANIFEST_FORMAT = "spherecli.manifest"
@@ -256,7 +258,30 @@ def write_list(path: str | Path, items: Iterable[tuple[str, int]]) -> None:
     os.replace(tmp, path)
 
 
-def read_list(path: str | Path, root: str | Path | None = None) -> list[tuple[str, int]]:
+class ImageList:
+    """A training list as two arrays, not a Python object per image: CASIA-WebFace's
+    494,414 images take 30 MB instead of 100, and DataLoader workers share the arrays
+    instead of copying the objects page by page as they touch their reference counts.
+    Reads as a sequence of (path, label)."""
+
+    def __init__(self, paths, labels):
+        self.paths = paths if isinstance(paths, np.ndarray) else \
+            np.array([p.encode("utf-8", "surrogateescape") for p in paths], dtype=bytes)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ImageList(self.paths[i], self.labels[i])
+        return self.paths[i].decode("utf-8", "surrogateescape"), int(self.labels[i])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def read_list(path: str | Path, root: str | Path | None = None) -> ImageList:
     """Read a `path label` list. Relative paths resolve against root, by
     default the list file's own folder. Paths may contain spaces."""
     path = Path(path)
@@ -285,7 +310,7 @@ def read_list(path: str | Path, root: str | Path | None = None) -> list[tuple[st
             raise UserError(f"{path}: not a text file of '<image path> <label>' lines") from None
     if not items:
         raise UserError(f"{path}: the list is empty")
-    return items
+    return ImageList([p for p, _ in items], [label for _, label in items])
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -51,8 +51,9 @@ def summarize(run: str | Path) -> dict:
     return out
 
 
-def curves(runs: list[str | Path], key: str = "loss") -> dict[str, tuple[list, list]]:
-    """(iterations, values) of `key` (loss, acc, feature_norm, lambda, lr ...) per run."""
+def curves(runs: list[str | Path], key: str = "loss", drawing: bool = True) -> dict[str, tuple[list, list]]:
+    """(iterations, values) of `key` (loss, acc, feature_norm, lambda, lr ...) per run. A key
+    no log has is an error; so is nothing to draw yet, when drawing."""
     series = {}
     for run in runs:
         rows = run_rows(Path(run))
@@ -62,7 +63,7 @@ def curves(runs: list[str | Path], key: str = "loss") -> dict[str, tuple[list, l
             raise UserError(f"{run}: its log has no {key!r} (it has {', '.join(known)})")
         if points:
             series[Path(run).name] = ([i for i, _ in points], [v for _, v in points])
-    if not series:
+    if not series and drawing:
         raise UserError(f"no run has {key!r} values to draw yet")
     return series
 

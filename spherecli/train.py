@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,8 +32,8 @@ from spherecli.config import TrainConfig, to_toml
 from spherecli.data import CachedFaces, EpochBatches, batches, check_images, load_face
 from spherecli.features import prepare
 from spherecli.devices import check_gpus, resolve_device
-from spherecli.formats import (Checkpoint, InputSpec, JsonlAppender, ModelFile, RunFolder, locked, read_list,
-                               writable)
+from spherecli.formats import (Checkpoint, ImageList, InputSpec, JsonlAppender, ModelFile, RunFolder, locked,
+                               read_list, writable)
 from spherecli.losses import create_head
 from spherecli.models import autocast_dtype, create_model
 from spherecli.parallel import cpu_count
@@ -95,11 +96,11 @@ class Trainer:
     `display` iterations to the callbacks and checkpoints every `snapshot`.
     """
 
-    def __init__(self, cfg: TrainConfig, trainee: Trainee, spec: InputSpec, items: list, *,
+    def __init__(self, cfg: TrainConfig, trainee: Trainee, spec: InputSpec, items: ImageList, *,
                  device: torch.device, rank: int = 0, world: int = 1, missing: int = 0):
         self.cfg, self.trainee, self.spec, self.items = cfg, trainee, spec, items
         self.device, self.rank, self.world, self.missing = device, rank, world, missing
-        self.num_classes = max(label for _, label in items) + 1
+        self.num_classes = int(items.labels.max()) + 1
         self.optimizer = torch.optim.SGD(trainee.param_groups(cfg.weight_decay, cfg.caffe_param_rules),
                                          lr=cfg.lr, momentum=cfg.momentum)
         self.amp_dtype = autocast_dtype(cfg.amp, device)
@@ -121,7 +122,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         backbone = create_model(cfg.arch, input_size=input_size,
                                 **({"feature_dim": cfg.feature_dim} if cfg.feature_dim else {}))
-        num_classes = max(label for _, label in items) + 1
+        num_classes = int(items.labels.max()) + 1
         head = create_head(cfg.head, backbone.feature_dim, num_classes, **cfg.head_args)
         trainee = Trainee(backbone, head).to(device)
         if cfg.channels_last:
@@ -367,11 +368,11 @@ class StallWatch(Callback):
                 "(--scale 30); or a lower --lr.")
 
 
-def check_labels(items: list, where: str) -> None:
+def check_labels(items: ImageList, where: str) -> None:
     """Labels are 0..C-1: the head gets a row for every label up to the largest, so one far
     above the rest would build a head of mostly empty classes."""
-    labels = {label for _, label in items}
-    top = max(labels)
+    labels = np.unique(items.labels)
+    top = int(labels[-1])
     if top + 1 > 2 * len(labels):
         raise UserError(f"{where}: label {top} is far above the other labels ({len(labels)} identities); "
                         "labels run 0..C-1, as `sphereface list` writes them")
