@@ -4,12 +4,13 @@
 #   make published  a published model (MODEL=...) imported and evaluated on the bundled LFW
 #   make reproduce  the paper's recipe on CASIA-WebFace and LFW, on GPUs
 #   make bench      the benchmarks of docs/benchmarks.md
+#   make gpu-check  the GPU questions of docs/benchmarks.md, on a machine with a GPU
 PYTHON ?= python3
 VENV   := .venv
 PY     ?= $(VENV)/bin/python
 SF     ?= $(VENV)/bin/sphereface
 
-.PHONY: install test demo identify-demo published reproduce bench clean
+.PHONY: install test demo identify-demo published reproduce bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +27,17 @@ bench: install
 	$(PY) benchmarks/align.py
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/evaluate.py
+	$(PY) benchmarks/loader.py --list $(OUT)/celeba-112X96.txt
+
+# The GPU questions of docs/benchmarks.md in one command, on a machine with a GPU,
+# after `make demo` (it reads the demo's aligned LFW and CelebA); the table goes
+# into docs/benchmarks.md. On a lent GPU machine, carry out/gpu-bundle and run
+# the second command there (benchmarks/gpu.py says how).
+gpu-check: install
+	$(PY) benchmarks/gpu.py --pack out/gpu-bundle --lfw-aligned $(OUT)/lfw-112X96 \
+	  --celeba-list $(OUT)/celeba-112X96.txt --pairs $(DATA)/pairs.txt --lfw-raw $(DATA)/lfw
+	PYTHONPATH=out/gpu-bundle/site $(PY) benchmarks/gpu.py --bundle out/gpu-bundle --out out/gpu-check
+	$(PY) benchmarks/gpu.py --record out/gpu-check/gpu.json
 
 # --------------------------------------------------------------------------- demo
 # CelebA (998 identities) stands in for CASIA-WebFace, LFW is the test set.

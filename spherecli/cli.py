@@ -12,7 +12,7 @@ from rich.table import Table
 
 from spherecli import Interrupted, UserError, __version__
 from spherecli.registry import (AMP_MODES, BORDER_MODES, FLIP_MODES, IMPORT_FORMATS, LFW_PATTERN,
-                                NO_FACE_RULES, REFERENCES, SELECT_RULES)
+                                NO_FACE_RULES, REFERENCES, RUNTIMES, SELECT_RULES)
 
 # Tables and notes: as wide as a terminal, or 200 columns into a file or pipe (not 80).
 console = Console(stderr=True, soft_wrap=True, highlight=False, width=None if sys.stderr.isatty() else 200)
@@ -279,12 +279,15 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
 @device
 @click.option("--amp", type=click.Choice(AMP_MODES), default="none", help="Extract in reduced precision: "
               "faster, LFW within 0.1 points (docs/benchmarks.md); none is fp32, as the original.")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", help="What runs a model file: "
+              "PyTorch, or onnxruntime; auto takes onnxruntime on the CPU in fp32 for networks measured "
+              "faster there (MobileFaceNet), with the same features.")
 @click.option("--batch-size", default=128, help="Images per forward pass.")
 @click.option("--workers", default=2, help="DataLoader worker processes.")
 @quiet
 def evaluate(pairs, benchmarks_file, names, model, data, features, save_features, pattern, flip,
-             mean_subtract, skip_missing, arch, input_spec, output, roc, scores, device, amp, batch_size,
-             workers, quiet):
+             mean_subtract, skip_missing, arch, input_spec, output, roc, scores, device, amp, runtime,
+             batch_size, workers, quiet):
     """Verification accuracy on a pair list (LFW view 2), as the original evaluation.m, or
     on several benchmarks at once.
 
@@ -303,7 +306,7 @@ def evaluate(pairs, benchmarks_file, names, model, data, features, save_features
         results = evaluate_many(load_benchmarks(benchmarks_file, list(names)), model, flip=flip,
                                 mean_subtract=mean_subtract, skip_missing=skip_missing, arch=arch,
                                 input_spec=input_spec, batch_size=batch_size, workers=workers, device=device,
-                                amp=amp, progress=not quiet)
+                                amp=amp, runtime=runtime, progress=not quiet)
         table = Table(*SUMMARY_COLUMNS)
         for result in results:
             table.add_row(*summary_row(result))
@@ -315,7 +318,8 @@ def evaluate(pairs, benchmarks_file, names, model, data, features, save_features
     result = run(pairs, model=model, data=data, features=features, save_features_to=save_features,
                  output=output, roc_png=roc, scores_csv=scores, pattern=pattern, flip=flip,
                  mean_subtract=mean_subtract, skip_missing=skip_missing, arch=arch, input_spec=input_spec,
-                 batch_size=batch_size, workers=workers, device=device, amp=amp, progress=not quiet)
+                 batch_size=batch_size, workers=workers, device=device, amp=amp, runtime=runtime,
+                 progress=not quiet)
     table = Table("fold", "ACC (%)")
     for row in fold_table(result):
         table.add_row(*row)

@@ -45,7 +45,7 @@ def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: s
              scores_csv: str | Path | None = None, pattern: str = LFW_PATTERN, flip: str = "concat",
              mean_subtract: bool = True, skip_missing: bool = False, arch: str | None = None,
              input_spec: str | None = None, batch_size: int = 128, workers: int = 2, device: str = "cpu",
-             amp: str = "none", progress: bool = True) -> dict:
+             amp: str = "none", runtime: str = "auto", progress: bool = True) -> dict:
     """One pair list in LFW's format: features (from a model and aligned images, or from a
     file), the protocol, and the files asked for. The result JSON goes to output, by
     default next to the model: MODEL.lfw.json for the official LFW pairs,
@@ -57,7 +57,7 @@ def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: s
     for path in (roc_png, scores_csv, save_features_to):
         if path is not None:
             writable(path)
-    net = None if features is not None else _network(model, device, amp, arch, input_spec)
+    net = None if features is not None else _network(model, device, amp, arch, input_spec, runtime)
     bench = Benchmark(pairs.name, pairs, data=None if data is None else Path(data), source=str(pairs_path))
     result = run_benchmark(bench, net=net, features=features, save_features_to=save_features_to, flip=flip,
                            mean_subtract=mean_subtract, skip_missing=skip_missing, batch_size=batch_size,
@@ -70,10 +70,11 @@ def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: s
 def evaluate_many(benchmarks: list[Benchmark], model: str | Path, *, flip: str = "concat",
                   mean_subtract: bool = True, skip_missing: bool = False, arch: str | None = None,
                   input_spec: str | None = None, batch_size: int = 128, workers: int = 2,
-                  device: str = "cpu", amp: str = "none", progress: bool = True) -> list[dict]:
+                  device: str = "cpu", amp: str = "none", runtime: str = "auto",
+                  progress: bool = True) -> list[dict]:
     """Several benchmarks with one model, each result next to the model as MODEL.<name>.json."""
     outputs = [writable(result_path(model, b.name)) for b in benchmarks]
-    net = _network(model, device, amp, arch, input_spec)
+    net = _network(model, device, amp, arch, input_spec, runtime)
     results = []
     for bench, output in zip(benchmarks, outputs):
         result = run_benchmark(bench, net=net, flip=flip, mean_subtract=mean_subtract,
@@ -84,10 +85,10 @@ def evaluate_many(benchmarks: list[Benchmark], model: str | Path, *, flip: str =
     return results
 
 
-def _network(model, device, amp, arch, input_spec):
+def _network(model, device, amp, arch, input_spec, runtime):
     from spherecli.features import load_network
 
-    return load_network(model, device=device, amp=amp, arch=arch, input_spec=input_spec)
+    return load_network(model, device=device, amp=amp, arch=arch, input_spec=input_spec, runtime=runtime)
 
 
 def run_benchmark(bench: Benchmark, *, net=None, features: str | Path | None = None,
@@ -128,6 +129,7 @@ def run_benchmark(bench: Benchmark, *, net=None, features: str | Path | None = N
                   features_file=None if features is None else str(features), images=len(names),
                   missing=len(missing),
                   settings={"flip": flip, "mean_subtract": mean_subtract, "amp": amp,
+                            "runtime": None if net is None else type(net).__name__,
                             "crops": f"{bench.size[0]}x{bench.size[1]} {bench.reference}",
                             "protocol": "evaluation.m: mean of other folds subtracted, cosine, "
                                         "threshold grid -1:1e-4:1 chosen on the other folds"})

@@ -8,6 +8,7 @@ it, MODEL.onnx.json, so that `--model MODEL.onnx` runs it like the original.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from spherecli import UserError
 from spherecli.data import load_face, to_chw
-from spherecli.features import prepare
+from spherecli.features import prepare, to_onnx
 from spherecli.formats import InputSpec, onnx_sidecar, write_input_spec
 from spherecli.images import walk_images
 from spherecli.models import load_model
@@ -44,9 +45,7 @@ def export(model_path: str | Path, output: str | Path, *, check_dir: str | Path 
     with torch.no_grad():
         expected = model(x).numpy()
     if output.suffix == ".onnx":
-        torch.onnx.export(model, (x[:1],), str(output), input_names=["image"], output_names=["feature"],
-                          dynamic_axes={"image": {0: "batch"}, "feature": {0: "batch"}},
-                          opset_version=opset, dynamo=False)
+        output.write_bytes(to_onnx(model, file.input, opset))
         write_input_spec(onnx_sidecar(output), file.input)
         try:
             import onnxruntime
@@ -65,11 +64,14 @@ def export(model_path: str | Path, output: str | Path, *, check_dir: str | Path 
             got = torch.export.load(output).module()(x).numpy()
         runtime = "torch.export"
     elif output.suffix in (".pt", ".ts"):
-        # TorchScript is deprecated in PyTorch but still what LibTorch (C++) loads.
-        traced = torch.jit.trace(model, x[:1])
-        traced.save(str(output))
-        with torch.no_grad():
-            got = torch.jit.load(str(output))(x).numpy()
+        # TorchScript is deprecated in PyTorch (which warns at every call) but still what
+        # LibTorch (C++) loads.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            traced = torch.jit.trace(model, x[:1])
+            traced.save(str(output))
+            with torch.no_grad():
+                got = torch.jit.load(str(output))(x).numpy()
         runtime = "torch.jit"
     else:
         raise UserError(f"{output}: use .onnx for ONNX, .pt2 for torch.export or .pt / .ts "

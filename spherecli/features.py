@@ -21,7 +21,7 @@ from spherecli import UserError
 from spherecli.data import FaceList, worker_errors
 from spherecli.devices import resolve_device
 from spherecli.formats import InputSpec, onnx_sidecar, parse_input_spec, read_input_spec
-from spherecli.models import autocast_dtype, build_from, load_model
+from spherecli.models import autocast_dtype, load_model
 
 
 def prepare(batch: torch.Tensor, spec: InputSpec, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -54,10 +54,26 @@ class TorchNetwork:
             return self.module(x).float()
 
 
-class OnnxNetwork:
-    """An ONNX face network run by onnxruntime."""
+def to_onnx(module: torch.nn.Module, spec: InputSpec, opset: int = 17) -> bytes:
+    """The network as an ONNX graph: float (N, 3, H, W) "image" in, (N, D) "feature" out."""
+    import io
+    import warnings
 
-    def __init__(self, path: str | Path, spec: InputSpec, *, device: str = "cpu", threads: int = 0):
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript-based exporter announces its own deprecation
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (torch.zeros(1, 3, *spec.size),), buffer, input_names=["image"],
+                          output_names=["feature"], opset_version=opset, dynamo=False,
+                          dynamic_axes={"image": {0: "batch"}, "feature": {0: "batch"}})
+    return buffer.getvalue()
+
+
+class OnnxNetwork:
+    """An ONNX face network run by onnxruntime, from a file or the bytes of one."""
+
+    def __init__(self, model: str | Path | bytes, spec: InputSpec, *, device: str = "cpu", threads: int = 0,
+                 name: str | None = None):
+        path = name or str(model)
         try:
             import onnxruntime
         except ImportError:
@@ -67,7 +83,8 @@ class OnnxNetwork:
         providers = (["CUDAExecutionProvider"] if str(device).startswith("cuda") else []) + \
             ["CPUExecutionProvider"]
         try:
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+            source = model if isinstance(model, bytes) else str(model)
+            self.session = onnxruntime.InferenceSession(source, options, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise UserError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -81,7 +98,7 @@ class OnnxNetwork:
                             f"spec says {spec.size[0]}x{spec.size[1]}")
         width = outputs[0].shape[-1]
         self.feature_dim = width if isinstance(width, int) else None
-        self.spec, self.name, self.device = spec, str(path), torch.device("cpu")
+        self.spec, self.name, self.device = spec, path, torch.device("cpu")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run([self.output_name], {self.input_name: x.cpu().numpy().astype(np.float32)})[0]
@@ -89,11 +106,14 @@ class OnnxNetwork:
 
 
 def load_network(path: str | Path, *, device: str = "cpu", amp: str = "none", arch: str | None = None,
-                 input_spec: str | None = None):
+                 input_spec: str | None = None, runtime: str = "torch"):
     """A model file, checkpoint or ONNX model, ready to embed crops.
 
     An ONNX model's input spec comes from input_spec (a preset, a JSON file or
     key=value pairs) or its sidecar MODEL.onnx.json; a model file states its own.
+    runtime "onnxruntime" runs a model file through onnxruntime; "auto" does so on
+    the CPU in fp32 for the networks measured faster there (`cpu_runtime`), whose
+    features it leaves as they are (docs/benchmarks.md).
     """
     path = Path(path)
     device = resolve_device(device)
@@ -110,12 +130,19 @@ def load_network(path: str | Path, *, device: str = "cpu", amp: str = "none", ar
     if input_spec is not None:
         raise UserError("--input-spec is for ONNX models; a spherecli model file states its own")
     module, file = load_model(path, arch)
+    if runtime == "auto":
+        faster = getattr(module, "cpu_runtime", "torch") == "onnxruntime"
+        fp32_cpu = device == "cpu" and amp == "none"
+        runtime = "onnxruntime" if faster and fp32_cpu and _has_onnxruntime() else "torch"
+    if runtime == "onnxruntime":
+        return OnnxNetwork(to_onnx(module, file.input), file.input, device=device, name=str(path))
     return TorchNetwork(module, file.input, str(path), device=device, amp=amp)
 
 
-def network_of(file, *, device: str = "cpu", amp: str = "none", name: str = "model") -> TorchNetwork:
-    """A model file already in memory, ready to embed crops."""
-    return TorchNetwork(build_from(file, name), file.input, name, device=device, amp=amp)
+def _has_onnxruntime() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def embed(net, batch: torch.Tensor, flip: str = "concat") -> np.ndarray:

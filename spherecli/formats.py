@@ -551,26 +551,13 @@ class Checkpoint:
             raise UserError(f"{path}: a training checkpoint without {e}") from None
 
 
-@dataclass(frozen=True)
 class RunFolder:
     """The files of a training run (`train --out`)."""
-    path: Path
 
-    @property
-    def config(self) -> Path:
-        return self.path / "config.toml"
-
-    @property
-    def log(self) -> Path:
-        return self.path / "log.jsonl"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / "checkpoint.pt"
-
-    @property
-    def model(self) -> Path:
-        return self.path / "model.pt"
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config, self.log, self.checkpoint, self.model = (
+            self.path / name for name in ("config.toml", "log.jsonl", "checkpoint.pt", "model.pt"))
 
 
 def read_log(path: str | Path) -> list[dict]:

@@ -89,6 +89,7 @@ FLIP_MODES = ("concat", "sum", "none")           # an image's feature with its m
 SELECT_RULES = ("center", "largest", "confident")  # which face of several detect keeps
 NO_FACE_RULES = ("skip", "mean")                  # align: images without a face
 STALL_ACTIONS = ("warn", "stop", "ignore")        # when training looks stalled
+RUNTIMES = ("auto", "torch", "onnxruntime")       # what runs a model file in evaluate
 
 # LFW's image path for (name, number) under an aligned folder, as pairs.txt names them.
 LFW_PATTERN = "{name}/{name}_{num:04d}.jpg"

@@ -300,3 +300,39 @@ def test_onnx_model_gives_the_features_of_pytorch(tmp_path, arch):
     np.testing.assert_allclose(embed(flagged, batch), embed(torch_net, batch), rtol=1e-4, atol=1e-4)
     with pytest.raises(UserError, match="the graph takes 112x96 images"):
         load_network(tmp_path / "m.onnx", input_spec="insightface")
+
+
+def test_published_mobilefacenet_through_the_whole_pipeline_on_lfw(data, tmp_path):
+    """detect -> align -> evaluate of the published CASIA MobileFaceNet on all 6,000 LFW
+    pairs (about 4 minutes). The floor is under the maintainers' 98.77% (their code, our
+    detect with the border handling on LFW); this machine never had the checkpoint, so it
+    is theirs, to be raised to just under this pipeline's own figure once measured."""
+    ckpts = sorted((MODELS / "mobilefacenet-casia").glob("*.ckpt"))
+    if not ckpts:
+        pytest.skip(f"the published MobileFaceNet checkpoint is not at {MODELS / 'mobilefacenet-casia'}")
+    from spherecli.align import align_manifests
+    from spherecli.detect import detect_tree
+    from spherecli.evaluate import evaluate
+
+    detect_tree(data / "lfw", tmp_path / "lfw.jsonl", progress=False)
+    align_manifests([tmp_path / "lfw.jsonl"], tmp_path / "lfw-112X96", no_face="mean", progress=False)
+    import_model(ckpts[0], tmp_path / "mobilefacenet.pt")
+    result = evaluate(data / "pairs.txt", model=tmp_path / "mobilefacenet.pt", data=tmp_path / "lfw-112X96",
+                      progress=False)
+    assert result["benchmark"] == "lfw" and result["missing"] == 0
+    assert result["mean"] >= 0.985, result["mean"]
+
+
+def test_runtime_auto_runs_mobilefacenet_through_onnxruntime_with_the_same_features(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from spherecli.features import OnnxNetwork, TorchNetwork
+
+    for arch, kind in (("mobilefacenet", OnnxNetwork), ("sphere4", TorchNetwork)):
+        net = randomise(create_model(arch), seed=5)
+        ModelFile(arch, net.model_args, net.state_dict(), InputSpec()).save(tmp_path / f"{arch}.pt")
+        auto = load_network(tmp_path / f"{arch}.pt", runtime="auto")
+        assert isinstance(auto, kind)
+        assert isinstance(load_network(tmp_path / f"{arch}.pt", runtime="auto", amp="bf16"), TorchNetwork)
+        batch = faces(n=3)
+        np.testing.assert_allclose(embed(auto, batch), embed(load_network(tmp_path / f"{arch}.pt"), batch),
+                                   rtol=1e-4, atol=1e-4)
