@@ -1,12 +1,12 @@
 """The GPU check: every GPU question of docs/benchmarks.md answered by one command.
 
-    # on the development machine: pack what the check reads (under 50 MB)
+    # on the development machine: pack what the check reads (about 60 MB; the device tool carries 64 MiB)
     .venv/bin/python benchmarks/gpu.py --pack out/gpu-bundle --lfw-aligned out/demo/lfw-112X96 \
         --celeba-list out/demo/celeba-112X96.txt
     # on the GPU machine (make gpu-check does both steps here when a GPU is local)
     PYTHONPATH=.:out/gpu-bundle/site python3 benchmarks/gpu.py --bundle out/gpu-bundle --out results/
-    # back here: the table into docs/benchmarks.md
-    .venv/bin/python benchmarks/gpu.py --record results/gpu.json
+    # back here: the table into docs/benchmarks.md (a rerun's --steps after a fix listed last)
+    .venv/bin/python benchmarks/gpu.py --record results/gpu.json [rerun/gpu.json]
 
 What it measures, each step on its own (a failing step is recorded and the next runs):
 - the machine: device, driver, torch and CUDA versions;
@@ -207,7 +207,7 @@ def ddp_training(bundle: Path, work: Path, device, arch: str, batch: int, iters:
               "checkpoint": (run / "checkpoint.pt").exists(), "model": (run / "model.pt").exists()}
     result["loss_fell"] = bool(rows) and rows[-1]["loss"] < 0.7 * rows[0]["loss"]
     if r.returncode:
-        result["stderr"] = r.stderr[-2000:]
+        result["stderr"] = r.stderr[-6000:]
     return result
 
 
@@ -318,11 +318,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def record(result_json: Path, docs: Path = ROOT / "docs" / "benchmarks.md") -> None:
+def record(results: list[Path], docs: Path = ROOT / "docs" / "benchmarks.md") -> None:
     """Put a GPU check's table into docs/benchmarks.md, between its markers."""
     text = docs.read_text()
     begin, end = "<!-- gpu-check -->", "<!-- /gpu-check -->"
-    table = markdown(json.loads(result_json.read_text()))
+    report: dict = {}
+    for path in results:
+        later = json.loads(path.read_text())
+        if report:
+            later["command"] = f"{report['command']}`, then `{later['command']}"
+        report.update(later)
+    table = markdown(report)
     if begin in text:
         text = text[:text.index(begin) + len(begin)] + "\n" + table + text[text.index(end):]
     else:
@@ -341,7 +347,9 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("gpu-check"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="every step small (the test suite's run)")
-    ap.add_argument("--record", type=Path, help="put this gpu.json's table into --docs and stop")
+    ap.add_argument("--steps", help="comma-separated: run only these steps (a rerun after a fix)")
+    ap.add_argument("--record", type=Path, nargs="+",
+                    help="put these gpu.json files' table into --docs and stop (a later file's steps win)")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
     if args.record:
@@ -368,7 +376,9 @@ def main():
                                          40 if tiny else None),
         "jpeg_decoding": lambda: jpeg_decoding(args.bundle, device, 64 if tiny else 7701),
     }
-    for name, step in steps.items():
+    wanted = args.steps.split(",") if args.steps else list(steps)
+    for name in wanted:
+        step = steps[name]
         start = time.perf_counter()
         try:
             report[name] = step()

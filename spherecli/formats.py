@@ -64,8 +64,7 @@ def locked(path: str | Path, what: str):
     import sys
     import time
 
-    lock = Path(str(path) + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock = writable(str(path) + ".lock")
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
           "command": " ".join(sys.argv)[:300]}
     for _ in range(2):

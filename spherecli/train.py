@@ -194,6 +194,7 @@ class Trainer:
         while self.iteration < cfg.max_iter:
             lr = learning_rate(cfg, self.iteration)
             x, y = next(data)
+            y = y.to(device, non_blocking=True)  # the accuracy below compares it with the logits
             loss, logits, features = self.step(x, y)
             with torch.no_grad():
                 stats[:4] += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(),

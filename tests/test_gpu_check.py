@@ -58,9 +58,17 @@ def test_gpu_check_runs_every_step_on_the_cpu(synthetic_list, tmp_path):
     assert ddp["returncode"] == 0 and ddp["iterations"] == 12 and ddp["checkpoint"] and ddp["model"]
     assert report["detection"]["landmarks_over_0.1_px"] == 0
     assert report["extraction"]["accuracy_diff_points"] == 0.0
+    # A rerun of one step after a fix, recorded over the first run's.
+    r = subprocess.run(GPU_CHECK + ["--bundle", str(bundle), "--out", str(out / "rerun"), "--device", "cpu",
+                                    "--tiny", "--steps", "ddp_training"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert set(json.loads((out / "rerun" / "gpu.json").read_text())) == {"date", "command", "ddp_training"}
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n")
-    subprocess.run(GPU_CHECK + ["--record", str(out / "gpu.json"), "--docs", str(docs)], check=True)
-    subprocess.run(GPU_CHECK + ["--record", str(out / "gpu.json"), "--docs", str(docs)], check=True)
+    record = GPU_CHECK + ["--record", str(out / "gpu.json"), str(out / "rerun" / "gpu.json"), "--docs", str(docs)]
+    subprocess.run(record, check=True)
+    subprocess.run(record, check=True)
     text = docs.read_text()
     assert text.count("<!-- gpu-check -->") == 1 and "| trainer | bf16 |" in text
+    assert "--steps ddp_training" in text and "MTCNN detect" in text
