@@ -66,7 +66,8 @@ def test_gpu_check_runs_every_step_on_the_cpu(synthetic_list, tmp_path):
     assert set(json.loads((out / "rerun" / "gpu.json").read_text())) == {"date", "command", "ddp_training"}
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n")
-    record = GPU_CHECK + ["--record", str(out / "gpu.json"), str(out / "rerun" / "gpu.json"), "--docs", str(docs)]
+    record = GPU_CHECK + ["--record", str(out / "gpu.json"), str(out / "rerun" / "gpu.json"),
+                          "--docs", str(docs)]
     subprocess.run(record, check=True)
     subprocess.run(record, check=True)
     text = docs.read_text()
