@@ -443,7 +443,6 @@ def export(model, output, check_dir, opset, overwrite):
     export gets its input spec beside it, OUTPUT.json.
     """
     from spherecli.export import export as run
-
     from spherecli.formats import refuse_overwrite
 
     refuse_overwrite(output, overwrite, source=model)
