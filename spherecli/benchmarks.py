@@ -3,7 +3,7 @@ protocol layout, insightface's `.bin` verification sets, and a small TOML file t
 names several benchmarks so that one `evaluate` runs them all.
 
 Every benchmark becomes the same thing: a pair list of 10 contiguous folds
-(spherecli.evaluate.Pairs) over named images, and a way to get the aligned crop
+(Pairs, below) over named images, and a way to get the aligned crop
 of each name. The protocol that scores them is LFW's (spherecli.metrics).
 """
 
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from spherecli import UserError
+from spherecli.formats import read_toml
 from spherecli.registry import LFW_PATTERN
 
 CFP_SPLITS = ("FF", "FP")
@@ -237,13 +237,7 @@ def load_benchmarks(path: str | Path, names: list[str] | None = None) -> list[Be
 
     Relative paths are relative to the file. names chooses some of the tables."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            tables = tomllib.load(f)
-    except OSError as e:
-        raise UserError(f"{path}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
+    tables = read_toml(path)
     unknown = [n for n in names or [] if n not in tables]
     if unknown:
         raise UserError(f"{path}: no benchmark {', '.join(unknown)} (it names {', '.join(tables)})")

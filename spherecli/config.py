@@ -6,7 +6,6 @@ Kept free of torch so that `sphereface --help` stays instant.
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -193,15 +192,11 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
     before it, which belonged to the other head; a setting the final head
     does not take is an error.
     """
+    from spherecli.formats import read_toml  # here, so that `sphereface --help` loads no numpy
+
     layers = [(base or {}, "")]
     if path is not None:
-        try:
-            with open(path, "rb") as f:
-                layers.append((tomllib.load(f), f"{path}: "))
-        except OSError as e:
-            raise UserError(f"{path}: {e.strerror or e}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{path}: not valid TOML ({e})") from None
+        layers.append((read_toml(path), f"{path}: "))
     layers.append((overrides or {}, ""))
     options, head, settings = {}, TrainConfig.head, {}
     for values, where in layers:
@@ -250,14 +245,11 @@ def resolve(config_file: str | Path | None, overrides: dict, resume: bool) -> tu
     checkpoint when it has one, and starts from the beginning otherwise (a
     run stopped before its first snapshot).
     """
+    from spherecli.formats import RunFolder, read_toml
+
     cfg = load_config(config_file, overrides)
-    saved = Path(cfg.out) / "config.toml"
-    if resume and saved.is_file():
-        try:
-            with open(saved, "rb") as f:
-                base = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise UserError(f"{saved}: {e}") from None
-        cfg = load_config(config_file, overrides, base=base)
-        return cfg, (Path(cfg.out) / "checkpoint.pt").exists()
+    saved = RunFolder(cfg.out)
+    if resume and saved.config.is_file():
+        cfg = load_config(config_file, overrides, base=read_toml(saved.config))
+        return cfg, RunFolder(cfg.out).checkpoint.exists()
     return cfg, False

@@ -141,11 +141,11 @@ class CachedFaces:
         self.images, self.labels = images, torch.from_numpy(labels)
 
     @classmethod
-    def in_memory(cls, items: list[tuple[str, int]], workers: int = 0) -> "CachedFaces":
+    def in_memory(cls, items: ImageList, workers: int = 0) -> "CachedFaces":
         return cls(torch.cat([x for x, _ in _decoder(items, workers)]), items.labels)
 
     @classmethod
-    def in_file(cls, items: list[tuple[str, int]], path: str | Path, workers: int = 0,
+    def in_file(cls, items: ImageList, path: str | Path, workers: int = 0,
                 build: bool = True) -> "CachedFaces":
         """Open the cache file of these items, making it first (when build) if it is
         missing or was made from another list."""

@@ -103,6 +103,19 @@ def _running(pid) -> bool:
     return True
 
 
+def read_toml(path: str | Path) -> dict:
+    """A TOML file (a training recipe, a run's config, a benchmarks file), or one error line."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+
+
 # --------------------------------------------------------------------------- JSON Lines
 
 def repair_tail(path: str | Path) -> None:
@@ -326,12 +339,8 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     """
     import torch
 
-    path = Path(path)
+    path = writable(path)
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     torch.save(state, tmp)
     os.replace(tmp, path)
 
@@ -578,8 +587,6 @@ def save_features(path: str | Path, names, features, *, flip: str, amp: str = "n
     """`.npz` of image names (paths under the data folder), float32 features (one row per
     name), and how they were made: flip mode and precision. Written by `evaluate
     --save-features` and `embed`; read by `evaluate --features`."""
-    import numpy as np
-
     try:
         np.savez(path, names=np.array(list(names), dtype=str), features=np.asarray(features, np.float32),
                  flip=flip, amp=amp)
@@ -587,10 +594,8 @@ def save_features(path: str | Path, names, features, *, flip: str, amp: str = "n
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def load_features(path: str | Path) -> tuple[list[str], "np.ndarray", dict]:  # noqa: F821
+def load_features(path: str | Path) -> tuple[list[str], np.ndarray, dict]:
     """(names, float64 features, {"flip": ..., "amp": ...}) of a features file."""
-    import numpy as np
-
     try:
         with np.load(path) as f:
             names, feats = [str(n) for n in f["names"]], f["features"].astype(np.float64)

@@ -90,9 +90,10 @@ def _open(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return im
 
 
-def oriented_size(path: str | Path, exif: bool = True, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) as decode() will return them, read from the header only."""
-    with _open(path, max_pixels) as im:
+def oriented_size(path: str | Path, exif: bool = True) -> tuple[int, int]:
+    """(width, height) as decode() will return them, read from the header only (no pixel
+    limit: a header costs nothing, and decode() refuses what is too large)."""
+    with _open(path, max_pixels=0) as im:
         w, h = im.size
         if exif and im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
             w, h = h, w

@@ -97,7 +97,6 @@ def calibrate(left: np.ndarray, right: np.ndarray, same: np.ndarray, mean_subtra
             "impostors": [round(float(v), 6) for v in impostors]}
 
 
-
 def angular_fisher_score(features: np.ndarray, labels) -> float:
     """The paper appendix's AFS = S_w / S_b (lower is more discriminative).
 

@@ -65,7 +65,7 @@ def _in_completion_order(pool: ProcessPoolExecutor, fn: Callable, jobs: Iterator
 
 
 def _context(modules: list[str]):
-    """Workers fork from a fresh server process that has imported `module`.
+    """Workers fork from a fresh server process that has imported `modules`.
 
     Forking this process instead can deadlock: a child inherits the locks of
     thread pools (OpenCV's, OpenMP's, CUDA's) but not their threads. "spawn"

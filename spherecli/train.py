@@ -29,7 +29,7 @@ from torch import nn
 
 from spherecli import Interrupted, UserError
 from spherecli.config import TrainConfig, to_toml
-from spherecli.data import CachedFaces, EpochBatches, batches, check_images, load_face
+from spherecli.data import EpochBatches, batches, check_images, load_face
 from spherecli.features import prepare
 from spherecli.devices import check_gpus, resolve_device
 from spherecli.formats import (Checkpoint, ImageList, InputSpec, JsonlAppender, ModelFile, RunFolder, locked,
@@ -440,13 +440,16 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, progress: bool, ra
             log.note(note)
             display.note(note)
     sampler = EpochBatches(len(trainer.items), cfg.batch_size, world, rank, cfg.seed, start, cfg.max_iter)
-    # A finished run that is resumed only re-exports its model: no data to load.
-    if cfg.cache_file and rank == 0 and start < cfg.max_iter:
-        CachedFaces.in_file(trainer.items, cfg.cache_file, cfg.workers)  # made once, by rank 0
-    if cfg.cache_file and world > 1:
-        dist.barrier()
-    data = (batches(trainer.items, sampler, cfg.workers, cfg.cache, pin=device.type == "cuda",
-                    cache_file=cfg.cache_file, build=False) if start < cfg.max_iter else iter(()))
+    data = iter(())  # a finished run that is resumed only re-exports its model
+    if start < cfg.max_iter:
+        # A cache file is made once, by rank 0, while the others wait at the barrier to open it.
+        shared = bool(cfg.cache_file) and world > 1
+        if shared and rank > 0:
+            dist.barrier()
+        data = batches(trainer.items, sampler, cfg.workers, cfg.cache, pin=device.type == "cuda",
+                       cache_file=cfg.cache_file, build=rank == 0)
+        if shared and rank == 0:
+            dist.barrier()
     interrupted = []
 
     def on_interrupt(*_):

@@ -98,6 +98,11 @@ def test_two_gloo_processes_make_the_update_of_one_process_on_both_batches(synth
         torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-6)
     assert log_rows(tmp_path / "two")[-1]["loss"] == pytest.approx(log_rows(tmp_path / "one")[-1]["loss"],
                                                                   rel=1e-4)
+    # The same two processes reading one cache file, which rank 0 makes while rank 1 waits.
+    launch(run_cfg(synthetic_list, tmp_path / "two-cached", batch_size=8, nproc=2, max_iter=2,
+                   cache_file=str(tmp_path / "faces.npy"), **common))
+    for k, v in weights(tmp_path / "two-cached" / "model.pt").items():
+        torch.testing.assert_close(v, two[k], rtol=1e-5, atol=1e-6)
 
 
 def test_diverging_loss_stops_and_says_what_is_saved(synthetic_list, tmp_path):
