@@ -72,16 +72,32 @@ def features(net, batch, size=256):
     return np.concatenate(parts).astype(np.float64)
 
 
+class BilinearMTCNN:
+    """facenet-pytorch's MTCNN with bilinear resampling of the image pyramid and the
+    R-/O-Net crops, in the place of FaceDetector's cascade (its border handling kept)."""
+
+    def __init__(self, settings: DetectSettings):
+        import torch.nn.functional as F
+        from facenet_pytorch import MTCNN
+        from facenet_pytorch.models.utils import detect_face
+
+        detect_face.imresample = lambda img, size: F.interpolate(img, size=size, mode="bilinear",
+                                                                 align_corners=False)
+        self.mtcnn = MTCNN(min_face_size=settings.min_face, thresholds=list(settings.thresholds),
+                           factor=settings.factor, keep_all=True, select_largest=False)
+
+    def __call__(self, images):
+        out = []
+        for image in images:
+            boxes, probs, points = self.mtcnn.detect(image, landmarks=True)
+            out.append((np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))) if boxes is None
+                       else (boxes, probs, points))
+        return out
+
+
 def bilinear_pyramid_landmarks(root: Path, names) -> dict:
-    """MTCNN with bilinear resampling of the image pyramid and the R-/O-Net crops."""
-    import torch.nn.functional as F
-    from facenet_pytorch.models.utils import detect_face
-
-    def bilinear(img, size):
-        return F.interpolate(img, size=size, mode="bilinear", align_corners=False)
-
-    detect_face.imresample = bilinear
     detector = FaceDetector(DetectSettings())
+    detector.mtcnn = BilinearMTCNN(detector.settings)
     out = {}
     for n in names:
         rgb, _ = decode(root / n)

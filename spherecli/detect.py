@@ -1,14 +1,16 @@
 """Stage 1: find faces and their five landmarks with MTCNN, writing a JSON Lines manifest.
 
-The detector is facenet-pytorch's MTCNN run with the original SphereFace
-settings. What this module adds is throughput and safety on real trees:
-images of one size are batched through MTCNN, several worker processes run
-at once, records are appended per batch so a killed run resumes where it
-stopped, and a bad file becomes an `error` record instead of a crash.
+The detector is MTCNN with facenet-pytorch's weights and the original
+SphereFace settings (spherecli/mtcnn.py). What this module adds is
+throughput and safety on real trees: images of one size are batched through
+MTCNN, several worker processes run at once, records are appended per batch
+so a killed run resumes where it stopped, and a bad file becomes an `error`
+record instead of a crash.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 import zlib
@@ -24,6 +26,7 @@ from spherecli import UserError
 from spherecli.devices import resolve_device
 from spherecli.formats import (JsonlAppender, latest_status, locked, manifest_header, manifest_summary,
                                read_manifest)
+from spherecli.mtcnn import MTCNN
 from spherecli.images import (IMAGE_EXTENSIONS, MAX_PIXELS, decode, describe_error, identity_of,
                               oriented_size, walk_images)
 from spherecli.parallel import cpu_count, map_batches
@@ -71,22 +74,12 @@ class DetectSettings:
 
 
 class FaceDetector:
-    """facenet-pytorch's MTCNN with the original settings and face selection."""
+    """MTCNN (spherecli/mtcnn.py) with the original settings, border handling and face selection."""
 
     def __init__(self, settings: DetectSettings | None = None, device: str = "cpu"):
-        from facenet_pytorch import MTCNN
-
         self.settings = settings or DetectSettings()
         s = self.settings
-        self.mtcnn = MTCNN(min_face_size=s.min_face, thresholds=list(s.thresholds),
-                           factor=s.factor, select_largest=False, keep_all=True,
-                           device=torch.device(device))
-        if torch.device(device).type == "cpu":
-            # On a CPU the channels-last kernels are the fast ones: NCHW max-pooling alone
-            # was 40% of MTCNN's time, and channels-last convolutions are faster too
-            # (docs/benchmarks.md). The layout changes no value beyond float rounding.
-            for net in (self.mtcnn.pnet, self.mtcnn.rnet, self.mtcnn.onet):
-                net.to(memory_format=torch.channels_last)
+        self.mtcnn = MTCNN(s.min_face, s.thresholds, s.factor, device)
 
     def detect(self, images: list[np.ndarray]) -> list[list[dict]]:
         """All faces in each of a list of same-sized RGB arrays.
@@ -123,26 +116,11 @@ class FaceDetector:
                 for faces in self._detect(copies)]
 
     def _detect(self, images: list[np.ndarray]) -> list[list[dict]]:
-        # cuDNN's TF32 convolutions, PyTorch's default on a GPU, move MTCNN's scores enough
-        # to change which candidate box survives: on an H200 the landmarks of 1 LFW photo in
-        # 13 then differed from the CPU's by more than 0.1 px (up to 11 px). In full fp32 they
-        # agree to 1e-4 px (docs/benchmarks.md). Scoped, so a caller's own setting stands.
-        tf32 = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
-            boxes, probs, points = self.mtcnn.detect(images, landmarks=True)
-        finally:
-            torch.backends.cudnn.allow_tf32 = tf32
-        out = []
-        for b, p, pts in zip(boxes, probs, points):
-            if b is None:
-                out.append([])
-                continue
-            out.append([{"box": [round(float(v), 2) for v in b[i]],
-                         "score": round(float(p[i]), 6),
-                         "landmarks": [[round(float(x), 4), round(float(y), 4)] for x, y in pts[i]]}
-                        for i in range(len(b))])
-        return out
+        return [[{"box": [round(float(v), 2) for v in box],
+                  "score": round(float(score), 6),
+                  "landmarks": [[round(float(x), 4), round(float(y), 4)] for x, y in marks]}
+                 for box, score, marks in zip(*found)]
+                for found in self.mtcnn(np.stack(images))]
 
     def detect_one(self, image: np.ndarray) -> list[dict]:
         h, w = image.shape[:2]
@@ -184,8 +162,25 @@ _worker: dict = {}
 def _init_worker(settings: dict, device: str, threads: int | None, max_pixels: int) -> None:
     if threads:
         torch.set_num_threads(threads)
+    _keep_freed_memory()
     _worker["detector"] = FaceDetector(DetectSettings(**settings), device)
     _worker["max_pixels"] = max_pixels
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed blocks of up to 32 MB for reuse in this process.
+
+    MTCNN allocates and frees its activations, megabytes each, hundreds of times per
+    batch; by default glibc hands many of them back to the kernel and the next call
+    page-faults them in again. Keeping them made detect 10-20% faster
+    (docs/benchmarks.md), for at most a few hundred MB more per worker.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    libc.mallopt(-3, 32 << 20)    # M_MMAP_THRESHOLD: glibc's ceiling on 64-bit
+    libc.mallopt(-1, 512 << 20)   # M_TRIM_THRESHOLD
 
 
 def _detect_batch(job: tuple[str, list[str]]) -> list[dict]:
@@ -350,10 +345,10 @@ def detect_tree(root: str | Path, manifest: str | Path | None = None, settings: 
         start, written = time.perf_counter(), 0
         bar = tqdm(total=len(pending), unit="img", desc="detect", disable=not progress or not pending,
                    dynamic_ncols=True)
+        threads = torch.get_num_threads()  # this process detects too while the workers start
         try:
-            # Workers fork from a server that imported facenet-pytorch once (1 s each otherwise).
             with map_batches(_detect_batch, jobs, workers, _init_worker, init_args,
-                             preload=("facenet_pytorch",)) as results:
+                             start_here=True) as results:
                 for records in results:
                     writer.write(records)
                     written += len(records)
@@ -369,5 +364,6 @@ def detect_tree(root: str | Path, manifest: str | Path | None = None, settings: 
             writer.write([{"type": "summary", **summary}])
             return {"manifest": str(manifest), **summary}
         finally:
+            torch.set_num_threads(threads)
             bar.close()
             writer.close()

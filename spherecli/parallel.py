@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from itertools import islice
@@ -29,28 +29,47 @@ def _init(initializer: Callable, args: tuple) -> None:
 
 @contextmanager
 def map_batches(fn: Callable, jobs: Iterable, workers: int, initializer: Callable,
-                initargs: tuple = (), preload: tuple[str, ...] = ()) -> Iterator[Iterator]:
+                initargs: tuple = (), start_here: bool = False) -> Iterator[Iterator]:
     """Yield an iterator of fn(job) results, in completion order.
 
     With workers > 1 the jobs run in that many worker processes, each set up
     once by initializer(*initargs); with 1 they run here, in order. Jobs are
     drawn from the iterable as workers free up, so a tree of any size streams.
+    With start_here, this process also runs jobs (set up the same way) until
+    the first worker's result comes back: a worker that imports torch takes
+    a second or more to start, which a short run would otherwise spend idle.
     """
     if workers <= 1:
         initializer(*initargs)
         yield map(fn, jobs)
         return
-    pool = ProcessPoolExecutor(workers, _context([fn.__module__, *preload]), _init, (initializer, initargs))
+    pool = ProcessPoolExecutor(workers, _context([fn.__module__]), _init, (initializer, initargs))
+    here = (initializer, initargs) if start_here else None
     try:
-        yield _in_completion_order(pool, fn, iter(jobs), 2 * workers)
+        yield _in_completion_order(pool, fn, iter(jobs), 2 * workers, here)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _in_completion_order(pool: ProcessPoolExecutor, fn: Callable, jobs: Iterator,
-                         depth: int) -> Iterator:
+                         depth: int, here: tuple | None) -> Iterator:
     try:
-        running = {pool.submit(fn, job) for job in islice(jobs, depth)}
+        first = list(islice(jobs, depth))
+        if here:
+            initializer, initargs = here
+            # A submit waits until the fork server has imported what the workers need
+            # (torch: over a second), so a thread submits while this process works.
+            with ThreadPoolExecutor(1) as starter:
+                submitted = starter.submit(lambda: [pool.submit(fn, job) for job in first])
+                for count, job in enumerate(jobs):
+                    if count == 0:
+                        initializer(*initargs)
+                    yield fn(job)
+                    if submitted.done() and any(future.done() for future in submitted.result()):
+                        break
+                running = set(submitted.result())
+        else:
+            running = {pool.submit(fn, job) for job in first}
         while running:
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:

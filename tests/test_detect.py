@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from spherecli import UserError
@@ -63,7 +64,7 @@ def test_lfw_faces_found_with_plausible_landmarks(lfw_sample, tmp_path):
 
 
 def test_landmarks_equal_direct_facenet_call(data, tmp_path):
-    """Batching, worker processes and the faster pooling change nothing but float noise."""
+    """Batching, worker processes and spherecli's own cascade change nothing but float noise."""
     wild = sorted((data / "wild").glob("*/*.jpg"))[:12]
     lfw = sorted((data / "lfw").glob("*/*.jpg"))[:12]
     tree = tmp_path / "tree"
@@ -71,8 +72,11 @@ def test_landmarks_equal_direct_facenet_call(data, tmp_path):
         dst = tree / src.parent.parent.name / src.parent.name / src.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, dst)
+    threads = torch.get_num_threads()
     detect_tree(tree, tmp_path / "m.jsonl", DetectSettings(all_faces=True), workers=2,
                 batch_size=4, progress=False)
+    # This process detected too while the workers started, single-threaded, and is itself again.
+    assert torch.get_num_threads() == threads
     _, recs = records_of(tmp_path / "m.jsonl")
     assert len(recs) == 24
     compared = 0

@@ -44,3 +44,15 @@ def test_a_worker_killed_mid_run_is_an_error_not_a_hang():
 def test_results_of_every_job_come_back_from_the_workers():
     with map_batches(abs, range(-50, 0), 2, int) as results:
         assert sorted(results) == list(range(1, 51))
+
+
+def test_this_process_works_too_while_the_workers_start():
+    limit = sys.getrecursionlimit()
+    try:
+        # The initializer's mark shows this process was set up as a worker and took jobs.
+        with map_batches(abs, range(-50, 0), 2, sys.setrecursionlimit, (limit + 123,),
+                         start_here=True) as results:
+            assert sorted(results) == list(range(1, 51))
+        assert sys.getrecursionlimit() == limit + 123
+    finally:
+        sys.setrecursionlimit(limit)
