@@ -196,8 +196,9 @@ class MTCNN:
         """Stage 1, P-Net over the pyramid: candidate boxes (x1 y1 x2 y2 score), squared."""
         n, h, w = integral.shape[0], integral.shape[1] - 1, integral.shape[2] - 1
         found = [torch.zeros(0, 9, device=self.device)]
-        owners = [torch.zeros(0, dtype=torch.long, device=self.device)]
-        for scale in self.scales(h, w):
+        groups = [torch.zeros(0, dtype=torch.long, device=self.device)]
+        scales = self.scales(h, w)
+        for level_index, scale in enumerate(scales):
             level = _level(integral, int(h * scale + 1), int(w * scale + 1))
             step = max(1, self.pixels_per_call // (level.shape[2] * level.shape[3]))
             reg, prob = (torch.cat(parts) for parts in
@@ -207,12 +208,13 @@ class MTCNN:
             owner, cell = where[:, 0], where[:, 1:].float().flip(1)
             score = face[owner, where[:, 1], where[:, 2]]
             offsets = reg.permute(0, 2, 3, 1)[owner, where[:, 1], where[:, 2]]
-            boxes = torch.cat([((STRIDE * cell + 1) / scale).floor(),
-                               ((STRIDE * cell + CELL) / scale).floor(), score[:, None], offsets], 1)
-            keep = nms(boxes, owner, PYRAMID_NMS)
-            found.append(boxes[keep])
-            owners.append(owner[keep])
-        boxes, owner = torch.cat(found), torch.cat(owners)
+            found.append(torch.cat([((STRIDE * cell + 1) / scale).floor(),
+                                    ((STRIDE * cell + CELL) / scale).floor(), score[:, None], offsets], 1))
+            groups.append(owner * len(scales) + level_index)
+        # Suppression within each level of each image, in one call, then across levels.
+        boxes, group = torch.cat(found), torch.cat(groups)
+        keep = nms(boxes, group, PYRAMID_NMS)
+        boxes, owner = boxes[keep], group[keep] // max(1, len(scales))
         keep = nms(boxes, owner, STAGE_NMS)
         boxes, owner = boxes[keep], owner[keep]
         # P-Net's offsets are fractions of the box's side without the +1 of the later stages.
@@ -341,7 +343,7 @@ def _crops(integral: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor, siz
 
 
 def nms(boxes: torch.Tensor, owner: torch.Tensor, threshold: float, overlap: str = "union") -> torch.Tensor:
-    """Greedy non-maximum suppression within each image: indices kept, by image, best first.
+    """Greedy non-maximum suppression within each group (image): indices kept, by group, best first.
 
     "union": intersection over union with areas (x2 - x1)(y2 - y1), as torchvision's nms
     that facenet-pytorch uses in its first two stages. "min": intersection over the
