@@ -84,10 +84,21 @@ class PNet(nn.Module):
         self.conv4_1 = nn.Conv2d(32, 2, 1)
         self.conv4_2 = nn.Conv2d(32, 4, 1)
 
-    def forward(self, x):
-        x = max_pool(self.prelu1(self.conv1(x)), 2, 2)
-        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+    def forward(self, x, sizes: list[tuple[int, int]] | None = None):
+        """sizes: each image's height and width where the batch pads images to the largest."""
+        x = self.prelu1(self.conv1(x))
+        # With ceil_mode, pooling cuts its last window at the image's edge: padding must not
+        # enter it. What lies further out is never read by a valid output.
+        for image, (h, w) in zip(x, sizes or ()):
+            image[:, h - 2:] = float("-inf")
+            image[:, :, w - 2:] = float("-inf")
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(max_pool(x, 2, 2)))))
         return self.conv4_2(x), self.conv4_1(x).softmax(1)
+
+    @staticmethod
+    def output_size(side: int) -> int:
+        """Valid outputs along an input side: two 3 x 3 convolutions around a 2 x 2 pool."""
+        return -(-(side - 4) // 2) + 1 - 4
 
 
 class RNet(nn.Module):
@@ -170,9 +181,14 @@ class MTCNN:
         return out
 
     @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """images: N x H x W x 3 uint8 RGB. Per image: boxes (k x 4, x1 y1 x2 y2),
-        scores (k) and landmarks (k x 5 x 2), best first."""
+    def __call__(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """RGB uint8 images, H x W x 3, of any sizes (each is padded to the largest, so
+        similar sizes batch best). Per image: boxes (k x 4, x1 y1 x2 y2), scores (k) and
+        landmarks (k x 5 x 2), best first."""
+        shapes = [image.shape[:2] for image in images]
+        batch = np.zeros((len(images), max(h for h, _ in shapes), max(w for _, w in shapes), 3), np.uint8)
+        for padded, image in zip(batch, images):
+            padded[:image.shape[0], :image.shape[1]] = image
         # cuDNN's TF32 convolutions, PyTorch's default on a GPU, move the scores enough to
         # change which candidate survives: on an H200 the landmarks of 1 LFW photo in 13
         # then moved by more than 0.1 px (up to 11 px); in full fp32 they agreed with the
@@ -180,36 +196,45 @@ class MTCNN:
         tf32 = torch.backends.cudnn.allow_tf32
         torch.backends.cudnn.allow_tf32 = False
         try:
-            integral = _integral(torch.tensor(images, device=self.device))
-            boxes, owner = self._propose(integral)
+            integral = _integral(torch.from_numpy(batch).to(self.device))
+            sizes = torch.tensor(shapes, dtype=torch.int32, device=self.device)
+            boxes, owner = self._propose(integral, shapes)
             if len(boxes):
-                boxes, owner = self._refine(integral, boxes, owner)
+                boxes, owner = self._refine(integral, sizes, boxes, owner)
             points = torch.zeros(0, 5, 2)
             if len(boxes):
-                boxes, owner, points = self._output(integral, boxes, owner)
+                boxes, owner, points = self._output(integral, sizes, boxes, owner)
         finally:
             torch.backends.cudnn.allow_tf32 = tf32
         boxes, owner, points = boxes.cpu().numpy(), owner.cpu().numpy(), points.cpu().numpy()
         return [(boxes[owner == i, :4], boxes[owner == i, 4], points[owner == i]) for i in range(len(images))]
 
-    def _propose(self, integral: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 1, P-Net over the pyramid: candidate boxes (x1 y1 x2 y2 score), squared."""
-        n, h, w = integral.shape[0], integral.shape[1] - 1, integral.shape[2] - 1
+    def _propose(self, integral: torch.Tensor, shapes: list[tuple[int, int]]):
+        """Stage 1, P-Net over each image's pyramid: candidate boxes (x1 y1 x2 y2 score), squared."""
+        depth = [len(self.scales(h, w)) for h, w in shapes]
+        scales = self.scales(*max(shapes, key=min))
         found = [torch.zeros(0, 9, device=self.device)]
         groups = [torch.zeros(0, dtype=torch.long, device=self.device)]
-        scales = self.scales(h, w)
         for level_index, scale in enumerate(scales):
-            level = _level(integral, int(h * scale + 1), int(w * scale + 1))
+            members = [i for i, d in enumerate(depth) if d > level_index]
+            sizes = [(int(h * scale + 1), int(w * scale + 1)) for h, w in (shapes[i] for i in members)]
+            level = _level(integral, members, [shapes[i] for i in members], sizes)
+            padded = None if len(set(sizes)) == 1 else sizes
             step = max(1, self.pixels_per_call // (level.shape[2] * level.shape[3]))
-            reg, prob = (torch.cat(parts) for parts in
-                         zip(*(self.pnet(level[i:i + step]) for i in range(0, n, step))))
+            reg, prob = (torch.cat(parts) for parts in zip(*(
+                self.pnet(level[i:i + step], padded and padded[i:i + step])
+                for i in range(0, len(level), step))))
             face = prob[:, 1]
+            for image, (h, w) in zip(face, padded or ()):
+                image[PNet.output_size(h):] = 0
+                image[:, PNet.output_size(w):] = 0
             where = (face >= self.thresholds[0]).nonzero()
-            owner, cell = where[:, 0], where[:, 1:].float().flip(1)
-            score = face[owner, where[:, 1], where[:, 2]]
-            offsets = reg.permute(0, 2, 3, 1)[owner, where[:, 1], where[:, 2]]
+            cell = where[:, 1:].float().flip(1)
+            score = face[where[:, 0], where[:, 1], where[:, 2]]
+            offsets = reg.permute(0, 2, 3, 1)[where[:, 0], where[:, 1], where[:, 2]]
             found.append(torch.cat([((STRIDE * cell + 1) / scale).floor(),
                                     ((STRIDE * cell + CELL) / scale).floor(), score[:, None], offsets], 1))
+            owner = torch.tensor(members, device=self.device)[where[:, 0]]
             groups.append(owner * len(scales) + level_index)
         # Suppression within each level of each image, in one call, then across levels.
         boxes, group = torch.cat(found), torch.cat(groups)
@@ -224,9 +249,9 @@ class MTCNN:
                              x2 + boxes[:, 7] * bw, y2 + boxes[:, 8] * bh, score], 1)
         return _square(boxes), owner
 
-    def _refine(self, integral, boxes, owner):
+    def _refine(self, integral, sizes, boxes, owner):
         """Stage 2, R-Net on 24 x 24 crops."""
-        boxes, owner, crops = _crops(integral, boxes, owner, 24)
+        boxes, owner, crops = _crops(integral, sizes, boxes, owner, 24)
         reg, prob = self._chunked(self.rnet, crops)
         score = prob[:, 1]
         ok = score > self.thresholds[1]
@@ -235,9 +260,9 @@ class MTCNN:
         keep = nms(boxes, owner, STAGE_NMS)
         return _square(_regress(boxes[keep], reg[keep])), owner[keep]
 
-    def _output(self, integral, boxes, owner):
+    def _output(self, integral, sizes, boxes, owner):
         """Stage 3, O-Net on 48 x 48 crops: final boxes and landmarks."""
-        boxes, owner, crops = _crops(integral, boxes, owner, 48)
+        boxes, owner, crops = _crops(integral, sizes, boxes, owner, 48)
         reg, marks, prob = self._chunked(self.onet, crops)
         score = prob[:, 1]
         ok = score > self.thresholds[2]
@@ -291,8 +316,12 @@ def _integral(pixels: torch.Tensor) -> torch.Tensor:
 # image, exact too, and the division is the same (by the bin's height, then its width), so
 # the results are equal to the bit.
 
-def _bins(lo: torch.Tensor, hi: torch.Tensor, size: int):
-    steps = torch.arange(size, dtype=lo.dtype, device=lo.device)
+def _bins(lo: torch.Tensor, hi: torch.Tensor, size: torch.Tensor, count: int):
+    """Start and end of bins 0..count-1 of [lo, hi) cut into `size` (all broadcast);
+    steps past `size` repeat its last bin, so that padding stays finite."""
+    steps = torch.arange(count, dtype=lo.dtype, device=lo.device)
+    size = size[..., None]
+    steps = torch.minimum(steps, size - 1)
     length = (hi - lo)[..., None]
     return lo[..., None] + steps * length // size, lo[..., None] - (-(steps + 1) * length // size)
 
@@ -302,34 +331,10 @@ def _normalised(sums: torch.Tensor, height: torch.Tensor, width: torch.Tensor) -
     return sums.float().div_(height).div_(width).sub_(127.5).mul_(0.0078125).permute(0, 3, 1, 2)
 
 
-def _level(integral: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The whole images, area-resampled to height x width: one pyramid level."""
-    zero = torch.zeros((), dtype=torch.int32, device=integral.device)
-    ys, ye = _bins(zero, zero + integral.shape[1] - 1, height)
-    xs, xe = _bins(zero, zero + integral.shape[2] - 1, width)
-    rows = integral.index_select(1, ye) - integral.index_select(1, ys)
-    sums = rows.index_select(2, xe) - rows.index_select(2, xs)
-    return _normalised(sums, (ye - ys)[:, None, None], (xe - xs)[:, None])
-
-
-def _crops(integral: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor, size: int):
-    """Each box's part inside its image, area-resampled to size x size.
-
-    facenet-pytorch resamples one box at a time; here one gather does them all.
-    Boxes wholly outside their image are dropped.
-    """
+def _gather(integral: torch.Tensor, owner: torch.Tensor, ys, ye, xs, xe) -> torch.Tensor:
+    """Sums of the bins (ys..ye) x (xs..xe) of each owner's image: B x h x w x 3."""
     n, hp, wp, c = integral.shape
-    # Truncated, then clipped to the image in 1-based pixels, as facenet-pytorch's `pad`.
-    # Indices are int32: index_select takes them 3x faster than int64 on a CPU.
-    x1, y1, x2, y2 = boxes[:, :4].trunc().int().unbind(1)
-    x1, y1 = x1.clamp(min=1) - 1, y1.clamp(min=1) - 1
-    x2, y2 = x2.clamp(max=wp - 1), y2.clamp(max=hp - 1)
-    inside = (x2 > x1) & (y2 > y1)
-    if not bool(inside.all()):
-        boxes, owner, x1, y1, x2, y2 = (t[inside] for t in (boxes, owner, x1, y1, x2, y2))
-    ys, ye = _bins(y1, y2, size)
-    xs, xe = _bins(x1, x2, size)
-    rows = owner.int()[:, None] * hp
+    rows = owner[:, None] * hp
     top, bottom = ((rows + ys) * wp)[:, :, None], ((rows + ye) * wp)[:, :, None]
     left, right = xs[:, None, :], xe[:, None, :]
     flat = integral.view(-1, c)
@@ -338,7 +343,42 @@ def _crops(integral: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor, siz
         return flat.index_select(0, index.reshape(-1))
 
     sums = at(bottom + right) - at(top + right) - at(bottom + left) + at(top + left)
-    sums = sums.view(len(boxes), size, size, c)
+    return sums.view(len(owner), ys.shape[1], xs.shape[1], c)
+
+
+def _level(integral: torch.Tensor, members: list[int], shapes: list[tuple[int, int]],
+           sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """Images `members` (their heights and widths in `shapes`), each area-resampled as a
+    whole to its height and width in `sizes`, padded to the largest: one pyramid level."""
+    device = integral.device
+    own = torch.tensor(shapes, dtype=torch.int32, device=device)
+    out = torch.tensor(sizes, dtype=torch.int32, device=device)
+    zero = torch.zeros_like(own[:, 0])
+    ys, ye = _bins(zero, own[:, 0], out[:, 0], max(h for h, _ in sizes))
+    xs, xe = _bins(zero, own[:, 1], out[:, 1], max(w for _, w in sizes))
+    sums = _gather(integral, torch.tensor(members, dtype=torch.int32, device=device), ys, ye, xs, xe)
+    return _normalised(sums, (ye - ys)[:, :, None, None], (xe - xs)[:, None, :, None])
+
+
+def _crops(integral: torch.Tensor, sizes: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor, size: int):
+    """Each box's part inside its image, area-resampled to size x size.
+
+    facenet-pytorch resamples one box at a time; here one gather does them all.
+    Boxes wholly outside their image are dropped.
+    """
+    # Truncated, then clipped to the image in 1-based pixels, as facenet-pytorch's `pad`.
+    # Indices are int32: index_select takes them 3x faster than int64 on a CPU.
+    x1, y1, x2, y2 = boxes[:, :4].trunc().int().unbind(1)
+    height, width = sizes[owner].unbind(1)
+    x1, y1 = x1.clamp(min=1) - 1, y1.clamp(min=1) - 1
+    x2, y2 = torch.minimum(x2, width), torch.minimum(y2, height)
+    inside = (x2 > x1) & (y2 > y1)
+    if not bool(inside.all()):
+        boxes, owner, x1, y1, x2, y2 = (t[inside] for t in (boxes, owner, x1, y1, x2, y2))
+    cut = torch.tensor(size, dtype=torch.int32, device=boxes.device)
+    ys, ye = _bins(y1, y2, cut, size)
+    xs, xe = _bins(x1, x2, cut, size)
+    sums = _gather(integral, owner.int(), ys, ye, xs, xe)
     return boxes, owner, _normalised(sums, (ye - ys)[:, :, None, None], (xe - xs)[:, None, :, None])
 
 

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from spherecli import UserError
-from spherecli.detect import BORDER_PAD, DetectSettings, FaceDetector, detect_tree, select_face
+from spherecli.detect import (BORDER_PAD, SIZE_STEP, DetectSettings, FaceDetector, _size_batches, detect_tree,
+                              select_face)
 from spherecli.images import decode
 from spherecli.formats import read_manifest
 
@@ -95,6 +96,20 @@ def test_landmarks_equal_direct_facenet_call(data, tmp_path):
         np.testing.assert_allclose(rec["landmarks"], points[i], atol=2e-3)
         compared += 1
     assert compared >= 20
+
+
+def test_photos_of_similar_sizes_share_batches(data):
+    # CelebA's photos come in many sizes a few pixels apart; one batch per exact size
+    # left MTCNN with batches of one to five.
+    celeba = data / "celeba"
+    paths = [f"{p.parent.name}/{p.name}" for p in sorted(celeba.glob("*/*.jpg"))[:96]]
+    sizes = {rel: Image.open(celeba / rel).size for rel in paths}
+    batches = [batch for _, batch in _size_batches(str(celeba), paths, DetectSettings(), 16)]
+    assert sorted(rel for batch in batches for rel in batch) == sorted(paths)
+    for batch in batches:
+        for side in (0, 1):
+            assert max(sizes[r][side] for r in batch) - min(sizes[r][side] for r in batch) < SIZE_STEP
+    assert len(batches) <= len(set(sizes.values())) / 3
 
 
 def test_several_faces_center_largest_confident(data, tmp_path):

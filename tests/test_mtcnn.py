@@ -20,7 +20,8 @@ def photos(data, dataset, n):
 
 
 def test_cascade_equals_facenet_pytorch_on_real_photos(data):
-    """Batched by image size here, one photo at a time there: the same faces and landmarks."""
+    """Batched across sizes here (padded to the largest), one photo at a time there:
+    the same faces and landmarks."""
     from facenet_pytorch import MTCNN as FacenetMTCNN
 
     theirs = FacenetMTCNN(min_face_size=20, thresholds=[0.6, 0.7, 0.9], factor=0.85, keep_all=True,
@@ -28,13 +29,11 @@ def test_cascade_equals_facenet_pytorch_on_real_photos(data):
     ours = MTCNN()
     names = photos(data, "lfw", 24) + photos(data, "celeba", 24) + photos(data, "wild", 8) + TIES
     images = {n: decode(data / n)[0] for n in names}
-    by_size: dict = {}
-    for n, image in images.items():
-        by_size.setdefault(image.shape, []).append(n)
+    batches = [names[i:i + 8] for i in range(0, len(names), 8)]
+    assert any(len({images[n].shape for n in batch}) > 2 for batch in batches)
     found = {}
-    for group in by_size.values():
-        found.update(zip(group, ours(np.stack([images[n] for n in group]))))
-    assert any(len(group) > 1 for group in by_size.values())
+    for batch in batches:
+        found.update(zip(batch, ours([images[n] for n in batch])))
     faces = 0
     for n in names:
         boxes, scores, points = theirs.detect(images[n], landmarks=True)
@@ -51,25 +50,33 @@ def test_cascade_equals_facenet_pytorch_on_real_photos(data):
 
 
 def test_area_resampling_equals_interpolate_to_the_bit(data):
-    image = decode(data / "wild" / TIES[-1].split("/", 1)[1])[0]
-    pixels = torch.from_numpy(np.stack([image, image[::-1].copy()]))
-    nchw = pixels.permute(0, 3, 1, 2).float()
+    image = decode(data / TIES[-1])[0].copy()
     h, w = image.shape[:2]
+    small = image[:h - 37, :w - 50].copy()  # a second, smaller image, padded in the batch
+    pixels = torch.zeros(2, h, w, 3, dtype=torch.uint8)
+    pixels[0], pixels[1, :h - 37, :w - 50] = torch.from_numpy(image), torch.from_numpy(small)
     integral = _integral(pixels)
-    for size in ((h * 3 // 5, w * 3 // 5), (37, 51), (12, 12)):
-        expected = (F.interpolate(nchw, size=size, mode="area") - 127.5) * 0.0078125
-        assert torch.equal(_level(integral, *size), expected)
+    shapes = [(h, w), (h - 37, w - 50)]
+    for scale in (0.6, 0.27, 0.05):
+        sizes = [(int(a * scale + 1), int(b * scale + 1)) for a, b in shapes]
+        level = _level(integral, [0, 1], shapes, sizes)
+        for i, (one, size) in enumerate(zip((image, small), sizes)):
+            nchw = torch.from_numpy(one).permute(2, 0, 1)[None].float()
+            expected = (F.interpolate(nchw, size=size, mode="area") - 127.5) * 0.0078125
+            assert torch.equal(level[i:i + 1, :, :size[0], :size[1]], expected)
     rng = np.random.default_rng(0)
-    x1, y1 = rng.integers(-20, w - 12, 60), rng.integers(-20, h - 12, 60)
+    x1, y1 = rng.integers(-20, w - 62, 60), rng.integers(-20, h - 49, 60)
     side = rng.integers(12, 200, 60)
-    # Boxes partly outside are clipped; the last one lies wholly outside and is dropped.
+    # Boxes partly outside are clipped to their own image; the last lies wholly outside
+    # the smaller image, inside the padding, and is dropped.
     boxes = torch.tensor(np.stack([x1, y1, x1 + side, y1 + side * 1.3, np.ones(60)], 1), dtype=torch.float32)
-    boxes = torch.cat([boxes, torch.tensor([[w + 5.0, 10, w + 50, 60, 1]])])
-    owner = torch.tensor(rng.integers(0, 2, 61))
-    kept, kept_owner, crops = _crops(integral, boxes, owner, 24)
+    boxes = torch.cat([boxes, torch.tensor([[w - 45.0, 10, w - 5, 60, 1]])])
+    owner = torch.tensor(np.r_[rng.integers(0, 2, 60), 1])
+    kept, kept_owner, crops = _crops(integral, torch.tensor(shapes, dtype=torch.int32), boxes, owner, 24)
     assert len(kept) == 60 and torch.equal(kept_owner, owner[:60])
     for crop, (bx1, by1, bx2, by2), n in zip(crops, kept[:, :4].trunc().int().tolist(), kept_owner):
-        part = nchw[n:n + 1, :, max(by1, 1) - 1:min(by2, h), max(bx1, 1) - 1:min(bx2, w)]
+        one = torch.from_numpy((image, small)[n]).permute(2, 0, 1)[None].float()
+        part = one[:, :, max(by1, 1) - 1:min(by2, shapes[n][0]), max(bx1, 1) - 1:min(bx2, shapes[n][1])]
         assert torch.equal(crop[None], (F.interpolate(part, size=(24, 24), mode="area") - 127.5) * 0.0078125)
 
 
