@@ -350,13 +350,30 @@ def _level(integral: torch.Tensor, members: list[int], shapes: list[tuple[int, i
            sizes: list[tuple[int, int]]) -> torch.Tensor:
     """Images `members` (their heights and widths in `shapes`), each area-resampled as a
     whole to its height and width in `sizes`, padded to the largest: one pyramid level."""
+    n, hp, wp, c = integral.shape
     device = integral.device
     own = torch.tensor(shapes, dtype=torch.int32, device=device)
     out = torch.tensor(sizes, dtype=torch.int32, device=device)
     zero = torch.zeros_like(own[:, 0])
     ys, ye = _bins(zero, own[:, 0], out[:, 0], max(h for h, _ in sizes))
     xs, xe = _bins(zero, own[:, 1], out[:, 1], max(w for _, w in sizes))
-    sums = _gather(integral, torch.tensor(members, dtype=torch.int32, device=device), ys, ye, xs, xe)
+    # Rows first (whole rows of the integral image), then columns: one index for every
+    # image when they share a width, as in a batch of one size.
+    first = torch.tensor(members, dtype=torch.int32, device=device)[:, None] * hp
+    rows = integral.view(n * hp, wp * c)
+    band = rows.index_select(0, (first + ye).flatten()) - rows.index_select(0, (first + ys).flatten())
+    m, h = len(members), ys.shape[1]
+    band = band.view(m, h, wp, c)
+    if len(set(w for _, w in shapes)) == 1 and len(set(w for _, w in sizes)) == 1:
+        sums = band.index_select(2, xe[0]) - band.index_select(2, xs[0])
+    else:
+        start = (torch.arange(m * h, dtype=torch.int32, device=device) * wp).view(m, h, 1)
+        flat = band.view(-1, c)
+
+        def at(column):
+            return flat.index_select(0, (start + column[:, None]).flatten())
+
+        sums = (at(xe) - at(xs)).view(m, h, xs.shape[1], c)
     return _normalised(sums, (ye - ys)[:, :, None, None], (xe - xs)[:, None, :, None])
 
 
