@@ -2,7 +2,7 @@
 
 The detector is MTCNN with facenet-pytorch's weights and the original
 SphereFace settings (spherecli/mtcnn.py). What this module adds is
-throughput and safety on real trees: images of one size are batched through
+throughput and safety on real trees: images of similar sizes are batched through
 MTCNN, several worker processes run at once, records are appended per batch
 so a killed run resumes where it stopped, and a bad file becomes an `error`
 record instead of a crash.

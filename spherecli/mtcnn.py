@@ -146,7 +146,7 @@ class ONet(nn.Module):
 
 
 class MTCNN:
-    """The three-stage cascade over a batch of same-sized RGB images."""
+    """The three-stage cascade over a batch of RGB images."""
 
     def __init__(self, min_face: int = 20, thresholds=(0.6, 0.7, 0.9), factor: float = 0.85,
                  device: str | torch.device = "cpu"):
