@@ -26,9 +26,9 @@ from spherecli import UserError
 from spherecli.devices import resolve_device
 from spherecli.formats import (JsonlAppender, latest_status, locked, manifest_header, manifest_summary,
                                read_manifest)
-from spherecli.mtcnn import MTCNN
 from spherecli.images import (IMAGE_EXTENSIONS, MAX_PIXELS, decode, describe_error, identity_of,
                               oriented_size, walk_images)
+from spherecli.mtcnn import MTCNN
 from spherecli.parallel import cpu_count, map_batches
 from spherecli.registry import BORDER_MODES, SELECT_RULES
 
@@ -175,15 +175,15 @@ def _keep_freed_memory() -> None:
 
     MTCNN allocates and frees its activations, megabytes each, hundreds of times per
     batch; by default glibc hands many of them back to the kernel and the next call
-    page-faults them in again. Keeping them made detect 10-20% faster
-    (docs/benchmarks.md), for at most a few hundred MB more per worker.
+    page-faults them in again. Keeping them made single-threaded detection 7-20%
+    faster (docs/benchmarks.md); a process keeps the memory of its largest batch.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune
         return
-    libc.mallopt(-3, 32 << 20)    # M_MMAP_THRESHOLD: glibc's ceiling on 64-bit
-    libc.mallopt(-1, 512 << 20)   # M_TRIM_THRESHOLD
+    libc.mallopt(-3, 32 << 20)    # M_MMAP_THRESHOLD: larger blocks are mapped afresh each time
+    libc.mallopt(-1, 512 << 20)   # M_TRIM_THRESHOLD: free memory kept at the heap's top
 
 
 def _detect_batch(job: tuple[str, list[str]]) -> list[dict]:

@@ -8,6 +8,7 @@ import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from functools import partial
 from itertools import islice
 from typing import Callable, Iterable, Iterator
 
@@ -43,27 +44,26 @@ def map_batches(fn: Callable, jobs: Iterable, workers: int, initializer: Callabl
         initializer(*initargs)
         yield map(fn, jobs)
         return
-    pool = ProcessPoolExecutor(workers, _context([fn.__module__]), _init, (initializer, initargs))
-    here = (initializer, initargs) if start_here else None
+    pool = ProcessPoolExecutor(workers, _context(fn.__module__), _init, (initializer, initargs))
     try:
-        yield _in_completion_order(pool, fn, iter(jobs), 2 * workers, here)
+        yield _in_completion_order(pool, fn, iter(jobs), 2 * workers,
+                                   partial(initializer, *initargs) if start_here else None)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _in_completion_order(pool: ProcessPoolExecutor, fn: Callable, jobs: Iterator,
-                         depth: int, here: tuple | None) -> Iterator:
+                         depth: int, setup_here: Callable | None) -> Iterator:
     try:
         first = list(islice(jobs, depth))
-        if here:
-            initializer, initargs = here
+        if setup_here:
             # A submit waits until the fork server has imported what the workers need
             # (torch: over a second), so a thread submits while this process works.
             with ThreadPoolExecutor(1) as starter:
                 submitted = starter.submit(lambda: [pool.submit(fn, job) for job in first])
                 for count, job in enumerate(jobs):
                     if count == 0:
-                        initializer(*initargs)
+                        setup_here()
                     yield fn(job)
                     if submitted.done() and any(future.done() for future in submitted.result()):
                         break
@@ -83,8 +83,8 @@ def _in_completion_order(pool: ProcessPoolExecutor, fn: Callable, jobs: Iterator
                         "resumes it") from None
 
 
-def _context(modules: list[str]):
-    """Workers fork from a fresh server process that has imported `modules`.
+def _context(module: str):
+    """Workers fork from a fresh server process that has imported `module`.
 
     Forking this process instead can deadlock: a child inherits the locks of
     thread pools (OpenCV's, OpenMP's, CUDA's) but not their threads. "spawn"
@@ -93,5 +93,5 @@ def _context(modules: list[str]):
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(modules)
+    ctx.set_forkserver_preload([module])
     return ctx

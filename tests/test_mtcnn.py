@@ -59,7 +59,8 @@ def test_area_resampling_equals_interpolate_to_the_bit(data):
     shapes = [(h, w), (h - 37, w - 50)]
     for scale in (0.6, 0.27, 0.05):
         sizes = [(int(a * scale + 1), int(b * scale + 1)) for a, b in shapes]
-        level = _level(integral, [0, 1], shapes, sizes)
+        level = _level(integral, torch.tensor([0, 1], dtype=torch.int32),
+                       torch.tensor(shapes, dtype=torch.int32), sizes)
         for i, (one, size) in enumerate(zip((image, small), sizes)):
             nchw = torch.from_numpy(one).permute(2, 0, 1)[None].float()
             expected = (F.interpolate(nchw, size=size, mode="area") - 127.5) * 0.0078125
