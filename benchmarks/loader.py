@@ -43,7 +43,7 @@ def main():
     batch = torch.stack([faces[(i, False)][0] for i in range(256)])
     norm = rate(256 * 20, lambda: [prepare(batch, InputSpec()) for _ in range(20)])
     sampler = EpochBatches(n, 256, stop=n // 256)
-    loaders = {w: rate(256 * len(sampler), lambda w=w: list(batches(items, sampler, w, False)))
+    loaders = {w: rate(256 * len(sampler), lambda w=w: list(batches(items, (112, 96), sampler, w, False)))
                for w in (1, 2)}
     cache = Path(tempfile.mkdtemp()) / "faces.npy"
     CachedFaces.in_file(items, cache, workers=2)

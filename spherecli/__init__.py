@@ -9,3 +9,12 @@ class UserError(Exception):
 
 class Interrupted(UserError):
     """Stopped by Ctrl-C, with what was finished saved (exit status 130)."""
+
+
+def excerpt(text: str, limit: int = 120) -> str:
+    """The first line of a message from elsewhere, shortened at a word boundary (with ...)."""
+    line = (str(text).splitlines() or [""])[0].strip()
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0]
+    return (cut if len(cut) > limit // 2 else line[:limit]) + " ..."

@@ -19,11 +19,17 @@ from tqdm import tqdm
 from spherecli import UserError
 from spherecli.formats import is_manifest, read_landmark_file, read_manifest
 from spherecli.images import decode, describe_error, encode, is_image_name, write_atomic
+from spherecli.outputs import Outputs
 from spherecli.parallel import cpu_count, map_batches
 from spherecli.registry import NO_FACE_RULES, REFERENCES
+from spherecli.validate import Range
 
 # The original's reference points for a 112 (rows) x 96 (columns) crop, (x, y).
 REFERENCE_112x96 = np.array(REFERENCES["sphereface"][1], dtype=np.float64)
+
+
+# A crop's side, in pixels: 8 is less than any network takes, 1024 already a 3 MB crop.
+CROP_SIDE = Range(8, 1024, integer=True)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -32,9 +38,11 @@ def parse_size(text: str) -> tuple[int, int]:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise UserError(f"size {text!r}: expected HEIGHTxWIDTH, e.g. 112x96") from None
-    if h < 8 or w < 8:
-        raise UserError(f"size {text!r} is too small")
-    return h, w
+    return check_size((h, w))
+
+
+def check_size(size) -> tuple[int, int]:
+    return tuple(CROP_SIDE.check(v, f"crop size {size[0]}x{size[1]}") for v in size)
 
 
 def reference_points(size: tuple[int, int] = (112, 96), reference: str = "sphereface") -> np.ndarray:
@@ -149,12 +157,17 @@ def align_manifests(sources: list[str | Path], out: str | Path | None = None, *,
     """
     if no_face not in NO_FACE_RULES:
         raise UserError(f"no_face must be one of {', '.join(NO_FACE_RULES)}, got {no_face!r}")
-    size = size or REFERENCES[reference][0]
+    if reference not in REFERENCES:
+        raise UserError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
+    size = check_size(size or REFERENCES[reference][0])
+    opened = [_records(Path(source), root) for source in sources]
     out = Path(out) if out is not None else default_output(Path(sources[0]), root, size, reference)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {out}: {e.strerror or e}") from None
+    with Outputs([*sources, *{r for r, _, _ in opened}], overwrite) as outputs:
+        outputs.folder(out)
+        return _align(opened, out, size, reference, jpeg_quality, workers, overwrite, no_face, progress)
+
+
+def _align(opened, out: Path, size, reference, jpeg_quality, workers, overwrite, no_face, progress) -> dict:
     counts = {"faces": 0, "aligned": 0, "existing": 0, "no_landmarks": 0, "mean_landmarks": 0,
               "error": 0}
     todo = []
@@ -165,8 +178,7 @@ def align_manifests(sources: list[str | Path], out: str | Path | None = None, *,
         else:
             todo.append((src_root, exif, rel, landmarks))
 
-    for source in sources:
-        src_root, exif, records = _records(Path(source), root)
+    for src_root, exif, records in opened:
         # Where faces sit in this source's images, as fractions of the image size.
         relative_sum, sized, faceless = np.zeros((5, 2)), 0, []
         for rec in records:

@@ -9,7 +9,7 @@ means the same thing in `verify` and `identify`. The benchmark's impostor
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import numpy as np
 from spherecli import UserError
 from spherecli.features import unit
 from spherecli.formats import result_path
+from spherecli.validate import COSINE, FRACTION
 
 # The threshold of a model that was never evaluated, whose features are therefore
 # not centred either: on LFW, without mean subtraction, both CelebA-trained models
@@ -35,12 +36,17 @@ class Calibration:
     flip: str
     source: str
     impostors: np.ndarray | None = None   # sorted different-person scores of the calibration set
+    notes: list = field(default_factory=list)  # what the user should know about how scores are read
 
     @classmethod
     def load(cls, model: str | Path, result: str | Path | None = None,
              threshold: float | None = None, far: float | None = None) -> "Calibration":
         """From an evaluation JSON (given, or MODEL.lfw.json next to the model); far
         chooses the threshold that accepts at most that fraction of its impostors."""
+        if far is not None and threshold is not None:
+            raise UserError("give --far (a threshold chosen by false-accept rate) or --threshold, not both")
+        far = None if far is None else FRACTION.check(far, "--far")
+        threshold = None if threshold is None else COSINE.check(threshold, "--threshold")
         path = Path(result) if result else result_path(model)
         cal = cls(None, DEFAULT_THRESHOLD, "concat", "default")
         if path.is_file():
@@ -57,6 +63,10 @@ class Calibration:
             cal.threshold, cal.source = cal.threshold_at_far(far), f"FAR {far:g} on {cal.source}"
         if threshold is not None:
             cal.threshold, cal.source = threshold, "--threshold"
+        elif cal.mean is None and far is None and cal.source == "default":
+            cal.notes.append(f"{path.name} not found: the model is not calibrated, so features are not "
+                             f"centred and the threshold is the uncalibrated {DEFAULT_THRESHOLD}; "
+                             "`sphereface evaluate` on LFW calibrates it")
         return cal
 
     def far_of(self, threshold: float) -> float | None:
@@ -72,6 +82,10 @@ class Calibration:
             raise UserError(f"{self.source}: no impostor scores to choose a threshold by false-accept "
                             "rate; run `sphereface evaluate` again to calibrate the model")
         n = len(self.impostors)
+        if 0 < far and far * n < 1:
+            self.notes.append(f"--far {far:g}: {self.source} holds {n:,} impostor pairs, too few to resolve "
+                              f"that rate (it takes at least {int(np.ceil(1 / far)):,}); the threshold is "
+                              "above every one of them, a false-accept rate of 0 measured on them")
         allowed = int(np.floor(far * n + 1e-9))
         if allowed >= n:
             return -1.0

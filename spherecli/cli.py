@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from spherecli import Interrupted, UserError, __version__
-from spherecli.registry import (AMP_MODES, BORDER_MODES, FLIP_MODES, IMPORT_FORMATS, LFW_PATTERN,
-                                NO_FACE_RULES, REFERENCES, RUNTIMES, SELECT_RULES)
+from spherecli.registry import (AMP_MODES, FLIP_MODES, IMPORT_FORMATS, LFW_PATTERN, NO_FACE_RULES,
+                                REFERENCES, RUNTIMES, SELECT_RULES)
+from spherecli.validate import COSINE, COUNT, FRACTION, NOT_NEGATIVE_INT, Range
 
 # Tables and notes: as wide as a terminal, or 200 columns into a file or pipe (not 80).
 console = Console(stderr=True, soft_wrap=True, highlight=False, width=None if sys.stderr.isatty() else 200)
@@ -36,7 +37,53 @@ def notes(lines) -> None:
         console.print(f"note: {line}")
 
 
-FILE, FOLDER = click.Path(dir_okay=False, path_type=Path), click.Path(file_okay=False, path_type=Path)
+class Number(click.ParamType):
+    """A number inside a Range (spherecli.validate), or `count` of them comma-separated
+    (0: any number of them); NaN and infinities never pass."""
+
+    def __init__(self, range: Range, count: int | None = None):
+        self.range, self.count = range, count
+        self.name = range.describe()
+
+    def get_metavar(self, param, ctx=None) -> str:
+        """The value's form and range: N>=1, 0<X<1, X,X,X with 0<=X<=1."""
+        r, v = self.range, "N" if self.range.integer else "X"
+        lo = "" if r.lo is None else f"{r.lo:g}{'<' if r.lo_open else '<='}"
+        hi = "" if r.hi is None else f"{'<' if r.hi_open else '<='}{r.hi:g}"
+        form = lo + v + hi if lo or hi else v
+        if lo and not hi:
+            form = f"{v}{'>' if r.lo_open else '>='}{r.lo:g}"
+        if self.count is None:
+            return form
+        return (",".join([v] * self.count) if self.count else f"{v},...") + f" ({form})"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        name = param.opts[0] if param is not None else "value"
+        try:
+            if self.count is None:
+                return self.range.check(value, name)
+            parts = [v for v in str(value).split(",") if v.strip()]
+            if self.count and len(parts) != self.count:
+                raise UserError(f"{name}: expected {self.count} comma-separated numbers, got {value!r}")
+            return tuple(self.range.check(v, name) for v in parts)
+        except UserError as e:
+            self.fail(str(e).removeprefix(f"{name}: "), param, ctx)
+
+
+class OutputPath(click.Path):
+    """A path the command writes: a file of one of formats.KINDS, or a folder. The stage
+    functions check it through spherecli.outputs; the declaration is what the tests
+    generated from this file read."""
+
+    def __init__(self, kind: str | None = None, folder: bool = False):
+        # No kind and no folder: a file or a folder, as the command decides (identify --annotate).
+        super().__init__(dir_okay=folder or kind is None, file_okay=not folder, path_type=Path)
+        self.kind, self.folder = kind, folder
+
+
+FILE = click.Path(dir_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 EXISTING_FOLDER = click.Path(file_okay=False, exists=True, path_type=Path)
 quiet = click.option("-q", "--quiet", is_flag=True, help="No progress display.")
@@ -53,6 +100,11 @@ model = click.option("--model", type=EXISTING_FILE, required=True,
                           "face network.")
 
 
+threads = click.option("--threads", type=Number(COUNT), default=1, help="CPU threads (torch and "
+                       "onnxruntime): one was as fast as two for photos on 2 idle cores, and 4x faster "
+                       "while other work shares them (docs/benchmarks.md).")
+
+
 def flip(default: str):
     return click.option("--flip", type=click.Choice(FLIP_MODES), default=default,
                         help="An image's feature with its mirror's: concatenated (the original), summed, "
@@ -60,10 +112,10 @@ def flip(default: str):
 
 
 def scoring(fn):
-    fn = click.option("--threshold", type=float, help="Cosine threshold for 'same person'.  [default: the "
-                      "calibration's best on LFW, else 0.2]")(fn)
-    fn = click.option("--far", type=float, help="Choose the threshold that accepts at most this fraction "
-                      "of the calibration set's different-person pairs, e.g. 1e-3.")(fn)
+    fn = click.option("--threshold", type=Number(COSINE), help="Cosine threshold for 'same person'.  "
+                      "[default: the calibration's best on LFW, else 0.2]")(fn)
+    fn = click.option("--far", type=Number(FRACTION), help="Choose the threshold that accepts at most this "
+                      "fraction of the calibration set's different-person pairs, e.g. 1e-3.")(fn)
     return click.option("--calibration", type=EXISTING_FILE, help="Evaluation result JSON whose mean "
                         "feature and threshold to use.  [default: MODEL.lfw.json]")(fn)
 
@@ -91,51 +143,78 @@ def cli():
     """
 
 
+def field_option(f, type_=None):
+    """A settings dataclass field as a click option: its flag, default, help, and its range or
+    choices as the option's type, so that both check the same way."""
+    from spherecli.config import field_type
+
+    flag = "--" + f.name.replace("_", "-")
+    default, meta = f.default, f.metadata
+    if isinstance(default, bool):
+        return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=default, help=meta["help"])
+    if type_ is None:
+        type_ = (click.Choice(meta["choices"]) if meta.get("choices")
+                 else Number(meta["range"], len(default) if isinstance(default, tuple) else None)
+                 if meta.get("range") else field_type(f))
+    if isinstance(default, tuple):
+        default = ",".join(map(str, default))
+    if isinstance(type_, click.Path) and not default:
+        default = None  # an empty path would be checked as one
+    return click.option(flag, f.name, type=type_, default=default, show_default=default not in (None, ""),
+                        help=meta["help"])
+
+
+def settings_options(cls, types: dict | None = None):
+    """One option per field of a settings dataclass (DetectSettings, TrainConfig)."""
+    from dataclasses import fields
+
+    def decorate(fn):
+        for f in reversed([f for f in fields(cls) if "help" in f.metadata and f.name != "head_args"]):
+            fn = field_option(f, (types or {}).get(f.name))(fn)
+        return fn
+    return decorate
+
+
+def detect_settings(fn):
+    from spherecli.config import DetectSettings
+
+    return settings_options(DetectSettings)(fn)
+
+
 @cli.command()
-@click.argument("root", type=FOLDER)
-@click.option("-o", "--output", type=FILE, help="Manifest to write or resume.  "
+@click.argument("root", type=EXISTING_FOLDER)
+@click.option("-o", "--output", type=OutputPath("manifest"), help="Manifest to write or resume.  "
               "[default: ROOT.landmarks.jsonl]")
-@click.option("--min-face", default=20, help="Smallest face searched for, in pixels (original: 20).")
-@click.option("--factor", default=0.85, help="Image pyramid scale factor (original: 0.85).")
-@click.option("--thresholds", default="0.6,0.7,0.9", help="P-Net,R-Net,O-Net score thresholds.")
-@select
-@click.option("--all-faces", is_flag=True, help="Also record every face found, under 'all'.")
-@click.option("--exif/--no-exif", default=True, help="Apply the EXIF orientation tag.")
-@click.option("--max-side", default=2000, help="Downscale larger images for detection; landmarks are "
-              "mapped back.")
-@click.option("--border", type=click.Choice(BORDER_MODES), default="redetect",
-              help="Faces that fill the frame: detect again on a black-padded copy when a box leaves the "
-                   "frame or no face is found (redetect), always detect padded (pad), or as the original "
-                   "(none), whose landmarks slide up such faces.")
+@detect_settings
 @device
-@click.option("--batch-size", default=16, help="Same-sized images per MTCNN call.")
-@click.option("--workers", type=int, help="Detector processes.  [default: cores on CPU, 2 on GPU]")
+@click.option("--batch-size", default=16, type=Number(COUNT), help="Same-sized images per MTCNN call.")
+@click.option("--workers", type=Number(COUNT), help="Detector processes.  [default: cores on CPU, 2 on GPU]")
 @click.option("--shard", help="K/N: process only the K-th of N deterministic parts of ROOT.")
 @click.option("--strict", is_flag=True, help="Fail (exit 2) at the first unreadable image.")
 @click.option("--retry-errors", is_flag=True, help="Try again images recorded as errors.")
-@click.option("--max-pixels", default=100_000_000, help="Larger images are recorded as errors, not decoded "
-              "(a tiny file can decode to gigabytes).")
+@click.option("--max-pixels", default=100_000_000, type=Number(Range(1, integer=True)),
+              help="Larger images are recorded as errors, not decoded (a tiny file can decode to gigabytes).")
 @quiet
-def detect(root, output, min_face, factor, thresholds, select, all_faces, exif, max_side, border, device,
-           batch_size, workers, shard, strict, retry_errors, max_pixels, quiet):
+def detect(root, output, device, batch_size, workers, shard, strict, retry_errors, max_pixels, quiet,
+           **settings):
     """Detect faces and landmarks in every image under ROOT.
 
     Writes one JSON record per image (docs/formats.md); re-running the same
     command resumes, skipping images already recorded.
     """
-    from spherecli.detect import DetectSettings, detect_tree
+    from spherecli.config import DetectSettings
+    from spherecli.detect import detect_tree
 
-    settings = DetectSettings(min_face=min_face, factor=factor, thresholds=thresholds, select=select,
-                              all_faces=all_faces, exif=exif, max_side=max_side, border=border)
-    summary = detect_tree(root, output, settings, device=device, batch_size=batch_size, workers=workers,
-                          shard=shard, strict=strict, retry_errors=retry_errors, max_pixels=max_pixels,
-                          progress=not quiet)
+    summary = detect_tree(root, output, DetectSettings(**settings), device=device, batch_size=batch_size,
+                          workers=workers, shard=shard, strict=strict, retry_errors=retry_errors,
+                          max_pixels=max_pixels, progress=not quiet)
     show(f"detect -> {summary.pop('manifest')}", summary)
 
 
 @cli.command()
 @click.argument("sources", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=FOLDER, help="Folder of aligned faces.  [default: <image root>-112X96]")
+@click.option("-o", "--output", type=OutputPath(folder=True),
+              help="Folder of aligned faces.  [default: <image root>-112X96]")
 @click.option("--root", type=click.Path(file_okay=False), help="Folder the image paths are relative to "
               "(needed for landmark text files; overrides the manifest's root).")
 @click.option("--reference", type=click.Choice(list(REFERENCES)), default="sphereface",
@@ -143,9 +222,9 @@ def detect(root, output, min_face, factor, thresholds, select, all_faces, exif, 
                    "for networks aligned that way.")
 @click.option("--size", help="Crop HEIGHTxWIDTH; reference points scale with the height and are centred "
               "horizontally (SphereFace's at 112x112 move 8 px right).  [default: the reference's own]")
-@click.option("--jpeg-quality", default=95, type=click.IntRange(1, 100),
+@click.option("--jpeg-quality", default=95, type=Number(Range(1, 100, integer=True)),
               help="JPEG quality of the crops (Matlab's imwrite used 75).")
-@click.option("--workers", type=int, help="Processes.  [default: number of cores]")
+@click.option("--workers", type=Number(COUNT), help="Processes.  [default: number of cores]")
 @click.option("--overwrite", is_flag=True, help="Redo crops that already exist.")
 @click.option("--no-face", type=click.Choice(NO_FACE_RULES), default="skip",
               help="Images without a detected face: skip them (original), or crop them at the mean landmark "
@@ -169,19 +248,19 @@ def align(sources, output, root, reference, size, jpeg_quality, workers, overwri
 
 
 @cli.command(name="list")
-@click.argument("aligned_dirs", nargs=-1, required=True, type=FOLDER)
-@click.option("-o", "--output", type=FILE, help="List file.  [default: ALIGNED_DIR.txt]")
+@click.argument("aligned_dirs", nargs=-1, required=True, type=EXISTING_FOLDER)
+@click.option("-o", "--output", type=OutputPath("list"), help="List file.  [default: ALIGNED_DIR.txt]")
 @click.option("--exclude", multiple=True, help="Identity to leave out: a name, comma-separated names, or a "
               "file of names; repeatable. `casia-lfw` stands for the three CASIA-WebFace identities that "
               "overlap LFW, which the original drops.")
-@click.option("--min-images", default=1, help="Leave out identities with fewer images.")
+@click.option("--min-images", default=1, type=Number(COUNT), help="Leave out identities with fewer images.")
 @click.option("--relative", is_flag=True, help="Write paths relative to the list file's folder, not "
               "absolute.")
 def list_(aligned_dirs, output, exclude, min_images, relative):
     """Write the training list: one `path label` line per aligned image.
 
     Labels are 0..C-1 over the sorted identity folder names. Counts and the
-    label -> name table are written next to it, in LIST.json.
+    label -> name table are written next to it, in LIST.txt.json.
     """
     from spherecli.lists import build_list, read_exclusions
 
@@ -195,22 +274,16 @@ def list_(aligned_dirs, output, exclude, min_images, relative):
 
 def config_options(fn):
     """One option per TrainConfig field and head setting: the CLI and the TOML file speak the same names."""
-    from dataclasses import fields
+    from spherecli.config import HEAD_SETTINGS, TrainConfig
 
-    from spherecli.config import CHOICES, HEAD_SETTINGS, TrainConfig, field_type
-
-    for name, (kind, text) in reversed(HEAD_SETTINGS.items()):
+    for name, (kind, text, rng) in reversed(HEAD_SETTINGS.items()):
         fn = click.option("--" + name.replace("_", "-"), name, help=text,
-                          type=click.Choice(kind) if isinstance(kind, tuple) else kind)(fn)
-    for f in reversed([f for f in fields(TrainConfig) if f.name != "head_args"]):
-        flag = "--" + f.name.replace("_", "-")
-        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        decl = [f"{flag}/--no-{flag[2:]}" if isinstance(default, bool) else flag]
-        kind = (None if isinstance(default, bool) else click.Choice(CHOICES[f.name]) if f.name in CHOICES
-                else str if f.name == "lr_steps" else field_type(f))
-        fn = click.option(*decl, f.name, type=kind, default=default, show_default=default not in (None, ""),
-                          help=f.metadata["help"])(fn)
-    return fn
+                          type=click.Choice(kind) if isinstance(kind, tuple) else Number(rng) if rng
+                          else kind)(fn)
+    paths = {"list": EXISTING_FILE, "root": EXISTING_FOLDER, "init_from": EXISTING_FILE,
+             "out": OutputPath(folder=True), "cache_file": OutputPath("image cache"),
+             "lr_steps": Number(Range(0), count=0)}
+    return settings_options(TrainConfig, paths)(fn)
 
 
 @cli.command()
@@ -242,7 +315,7 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
     from spherecli.train import launch
 
     # Only what was typed overrides the config file and a resumed run's settings.
-    typed = {k: v for k, v in values.items()
+    typed = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()
              if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     head = {k: typed.pop(k) for k in list(typed) if k in HEAD_SETTINGS}
     if "head" in typed:
@@ -264,7 +337,8 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
               "import`, a checkpoint, or an ONNX face network.")
 @click.option("--data", type=EXISTING_FOLDER, help="Aligned images of the pair list (e.g. lfw-112X96).")
 @click.option("--features", type=EXISTING_FILE, help="Evaluate features saved by --save-features instead.")
-@click.option("--save-features", type=FILE, help="Write image names and features to this .npz.")
+@click.option("--save-features", type=OutputPath("features"), help="Write image names and features to this "
+              ".npz.")
 @click.option("--pattern", default=LFW_PATTERN, help="Image path of (name, number) under --data.")
 @flip("concat")
 @click.option("--mean-subtract/--no-mean-subtract", default=True,
@@ -272,18 +346,20 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
 @click.option("--skip-missing", is_flag=True, help="Score pairs with a missing image as failures.")
 @click.option("--arch", help="Expected network; a checkpoint of another one is refused.")
 @input_spec
-@click.option("-o", "--output", type=FILE, help="Result JSON.  [default: MODEL.lfw.json for LFW's own pairs "
+@click.option("-o", "--output", type=OutputPath("result"), help="Result JSON.  [default: MODEL.lfw.json for "
+              "LFW's own pairs "
               "(the calibration verify and identify use), MODEL.<pairs file name>.json for others]")
-@click.option("--roc", type=FILE, help="Also draw the ROC curve into this PNG.")
-@click.option("--scores", type=FILE, help="Also write every pair's held-out score into this CSV.")
+@click.option("--roc", type=OutputPath("png"), help="Also draw the ROC curve into this PNG.")
+@click.option("--scores", type=OutputPath("scores"), help="Also write every pair's held-out score into this "
+              "CSV.")
 @device
 @click.option("--amp", type=click.Choice(AMP_MODES), default="none", help="Extract in reduced precision: "
               "faster, LFW within 0.1 points (docs/benchmarks.md); none is fp32, as the original.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", help="What runs a model file: "
               "PyTorch, or onnxruntime; auto takes onnxruntime on the CPU in fp32 for networks measured "
               "faster there (MobileFaceNet), with the same features.")
-@click.option("--batch-size", default=128, help="Images per forward pass.")
-@click.option("--workers", default=2, help="DataLoader worker processes.")
+@click.option("--batch-size", default=128, type=Number(COUNT), help="Images per forward pass.")
+@click.option("--workers", default=2, type=Number(NOT_NEGATIVE_INT), help="DataLoader worker processes.")
 @quiet
 def evaluate(pairs, benchmarks_file, names, model, data, features, save_features, pattern, flip,
              mean_subtract, skip_missing, arch, input_spec, output, roc, scores, device, amp, runtime,
@@ -303,6 +379,12 @@ def evaluate(pairs, benchmarks_file, names, model, data, features, save_features
 
         if model is None:
             raise UserError("--benchmarks needs --model")
+        others = {"pairs": pairs, "data": data, "features": features, "output": output, "roc": roc,
+                  "scores": scores, "save-features": save_features}
+        given = [f"--{k}" for k, v in others.items() if v]
+        if given:
+            raise UserError(f"--benchmarks names each benchmark's pairs and crops, and writes "
+                            f"MODEL.<name>.json for each; {', '.join(given)} cannot go with it")
         results = evaluate_many(load_benchmarks(benchmarks_file, list(names)), model, flip=flip,
                                 mean_subtract=mean_subtract, skip_missing=skip_missing, arch=arch,
                                 input_spec=input_spec, batch_size=batch_size, workers=workers, device=device,
@@ -328,12 +410,14 @@ def evaluate(pairs, benchmarks_file, names, model, data, features, save_features
     console.print(f"wrote {result['output']}")
 
 
-def embedder(model, device, input_spec, flip=None, calibration=None, threshold=None, far=None):
+def embedder(model, device, input_spec, threads, flip=None, calibration=None, threshold=None, far=None):
+    """The model on photos; without a flip mode of its own, scored as its calibration says."""
     from spherecli.calibration import Calibration
     from spherecli.recognize import FaceEmbedder
 
-    cal = Calibration.load(model, calibration, threshold, far)
-    return FaceEmbedder(model, device=device, flip=flip or cal.flip, input_spec=input_spec), cal
+    cal = None if flip else Calibration.load(model, calibration, threshold, far)
+    return FaceEmbedder(model, device=device, flip=flip or cal.flip, input_spec=input_spec,
+                        threads=threads), cal
 
 
 @cli.command()
@@ -343,8 +427,9 @@ def embedder(model, device, input_spec, flip=None, calibration=None, threshold=N
 @select
 @device
 @input_spec
+@threads
 @scoring
-def verify(photo_a, photo_b, model, select, device, input_spec, calibration, far, threshold):
+def verify(photo_a, photo_b, model, select, device, input_spec, threads, calibration, far, threshold):
     """Are the faces in two photos the same person?
 
     Detects, aligns and embeds the face of each photo, prints the cosine
@@ -352,9 +437,10 @@ def verify(photo_a, photo_b, model, select, device, input_spec, calibration, far
     """
     from spherecli.recognize import verify as run
 
-    emb, cal = embedder(model, device, input_spec, calibration=calibration, threshold=threshold, far=far)
+    emb, cal = embedder(model, device, input_spec, threads, calibration=calibration, threshold=threshold,
+                        far=far)
     result = run(emb, photo_a, photo_b, cal, select)
-    notes(result["notes"])
+    notes(result["notes"] + cal.notes)
     click.echo(f"{'same' if result['same'] else 'different'}\tscore {result['score']:.4f}\t{cal.describe()}")
 
 
@@ -367,15 +453,18 @@ def verify(photo_a, photo_b, model, select, device, input_spec, calibration, far
 @select
 @device
 @input_spec
+@threads
 @scoring
-@click.option("--every", default=1, type=click.IntRange(1), help="For a video: look at every N-th frame.")
-@click.option("-o", "--output", type=FILE, help="CSV file for the results.  [default: standard output]")
-@click.option("--annotate", type=click.Path(path_type=Path),
+@click.option("--every", default=1, type=Number(COUNT), help="For a video: look at every N-th frame.")
+@click.option("-o", "--output", type=OutputPath("identities"), help="CSV file for the results.  "
+              "[default: standard output]")
+@click.option("--annotate", type=OutputPath(),
               help="Draw a box and name per face: a folder (for photos) or a video file.")
-@click.option("--cache", type=FILE, help="Gallery feature cache.  [default: GALLERY/.sphereface-gallery.npz]")
+@click.option("--cache", type=OutputPath("gallery cache"), help="Gallery feature cache.  "
+              "[default: GALLERY/.sphereface-gallery.npz]")
 @quiet
-def identify(gallery, probe, model, select, device, input_spec, calibration, far, threshold, every, output,
-             annotate, cache, quiet):
+def identify(gallery, probe, model, select, device, input_spec, threads, calibration, far, threshold, every,
+             output, annotate, cache, quiet):
     """Name every face in the probe from a gallery of known people, or call it unknown.
 
     Several photos of a person are averaged into one template. A face
@@ -383,57 +472,65 @@ def identify(gallery, probe, model, select, device, input_spec, calibration, far
     threshold. One CSV row per face (a probe without a face: one row,
     identity no_face): source, frame, x1, y1, x2, y2, identity, score, best_match.
     """
-    from spherecli.formats import writable
     from spherecli.gallery import gallery as build, templates
-    from spherecli.identify import check_annotate, identify as run, write_csv
+    from spherecli.identify import annotation_target, identify as run, write_csv
+    from spherecli.outputs import Outputs
 
-    check_annotate(probe, annotate)
-    sink = open(writable(output), "w", newline="", encoding="utf-8") if output else sys.stdout
-    emb, cal = embedder(model, device, input_spec, calibration=calibration, threshold=threshold, far=far)
-    people, feats, found = build(emb, gallery, model, cache=cache, select=select)
-    notes(found)
-    names, tmpl = templates(people, feats, cal)
-    console.print(f"gallery: {len(names)} {'person' if len(names) == 1 else 'people'}, {len(people)} photos; "
-                  f"{cal.describe()}")
-    try:
-        notes(write_csv(run(emb, names, tmpl, probe, cal, every=every, annotate=annotate,
-                            progress=not quiet), sink))
-    finally:
-        if output:
-            sink.close()
+    with Outputs([gallery, probe, model, calibration]) as outputs:
+        for path, kind in ((output, "identities"), (cache, "gallery cache")):
+            if path:
+                outputs.file(path, kind)
+        annotation_target(outputs, probe, annotate)
+        emb, cal = embedder(model, device, input_spec, threads, calibration=calibration, threshold=threshold,
+                            far=far)
+        people, feats, found = build(emb, gallery, model, cache=cache, select=select)
+        notes(found)
+        names, tmpl = templates(people, feats, cal)
+        console.print(f"gallery: {len(names)} {'person' if len(names) == 1 else 'people'}, {len(people)} "
+                      f"photos; {cal.describe()}")
+        notes(cal.notes)
+        rows = run(emb, names, tmpl, probe, cal, every=every, annotate=annotate, progress=not quiet)
+        if output is None:
+            notes(write_csv(rows, sys.stdout))
+            return
+        with open(output, "w", newline="", encoding="utf-8") as sink:
+            notes(write_csv(rows, sink))
 
 
 @cli.command()
 @click.argument("root", type=EXISTING_FOLDER)
-@click.option("-o", "--output", type=FILE, required=True, help="The .npz to write: names (paths under ROOT), "
-              "features, and how they were made.")
+@click.option("-o", "--output", type=OutputPath("features"), required=True, help="The .npz to write: names "
+              "(paths under ROOT), features, and how they were made.")
 @model
 @select
 @device
 @input_spec
+@threads
 @click.option("--aligned", is_flag=True, help="The images are aligned crops already: no detection.")
 @flip("concat")
 @quiet
-def embed(root, output, model, select, device, input_spec, aligned, flip, quiet):
+def embed(root, output, model, select, device, input_spec, threads, aligned, flip, quiet):
     """Features for every image under ROOT, for use in other tools."""
-    from spherecli.formats import save_features, writable
+    from spherecli.formats import save_features
+    from spherecli.outputs import Outputs
     from spherecli.recognize import embed_folder
 
-    writable(output)
-    emb, _ = embedder(model, device, input_spec, flip=flip)
-    names, feats, found = embed_folder(emb, root, aligned=aligned, select=select, progress=not quiet)
-    notes(found)
-    save_features(output, names, feats, flip=flip)
+    with Outputs([root, model]) as outputs:
+        outputs.file(output, "features")
+        emb, _ = embedder(model, device, input_spec, threads, flip=flip)
+        names, feats, found = embed_folder(emb, root, aligned=aligned, select=select, progress=not quiet)
+        notes(found)
+        save_features(output, names, feats, flip=flip)
     console.print(f"{len(names)} features of size {feats.shape[1]} -> {output}")
 
 
 @cli.command()
 @click.argument("model", type=EXISTING_FILE)
-@click.option("-o", "--output", type=FILE, required=True, help="model.onnx (ONNX), model.pt2 (torch.export) "
-              "or model.ts (TorchScript, for LibTorch).")
+@click.option("-o", "--output", type=OutputPath("export"), required=True, help="model.onnx (ONNX), model.pt2 "
+              "(torch.export) or model.ts (TorchScript, for LibTorch).")
 @click.option("--check", "check_dir", type=EXISTING_FOLDER,
               help="Aligned faces to compare exported and PyTorch features on.")
-@click.option("--opset", default=17, help="ONNX opset version.")
+@click.option("--opset", default=17, type=Number(Range(9, 20, integer=True)), help="ONNX opset version.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (never MODEL itself).")
 def export(model, output, check_dir, opset, overwrite):
     """Export the feature network alone to ONNX, torch.export or TorchScript, checked against PyTorch.
@@ -443,16 +540,14 @@ def export(model, output, check_dir, opset, overwrite):
     export gets its input spec beside it, OUTPUT.json.
     """
     from spherecli.export import export as run
-    from spherecli.formats import refuse_overwrite
 
-    refuse_overwrite(output, overwrite, source=model)
-    show(f"export -> {output}", run(model, output, check_dir=check_dir, opset=opset))
+    show(f"export -> {output}", run(model, output, check_dir=check_dir, opset=opset, overwrite=overwrite))
 
 
 @cli.command(name="import")
 @click.argument("source", type=EXISTING_FILE)
-@click.option("-o", "--output", type=FILE, required=True, help="The spherecli model file to write "
-              "(model.pt).")
+@click.option("-o", "--output", type=OutputPath("model"), required=True, help="The spherecli model file to "
+              "write (model.pt).")
 @click.option("--format", "fmt", type=click.Choice(IMPORT_FORMATS),
               help="What SOURCE is.  [default: from its name and contents]")
 @click.option("--prototxt", type=EXISTING_FILE, help="The Caffe deploy .prototxt, for the network's input "
@@ -470,10 +565,9 @@ def import_(source, output, fmt, prototxt, input_spec, overwrite):
     Weights only: nothing in SOURCE is executed. ONNX networks need no import.
     """
     from spherecli.convert import import_model
-    from spherecli.formats import refuse_overwrite
 
-    refuse_overwrite(output, overwrite, source=source)
-    summary = import_model(source, output, fmt=fmt, prototxt=prototxt, input_spec=input_spec)
+    summary = import_model(source, output, fmt=fmt, prototxt=prototxt, input_spec=input_spec,
+                           overwrite=overwrite)
     show(f"import -> {output}", summary)
 
 
@@ -482,9 +576,10 @@ def import_(source, output, fmt, prototxt, input_spec, overwrite):
 @model
 @device
 @input_spec
+@threads
 @flip("none")
 @quiet
-def afs(aligned_dir, model, device, input_spec, flip, quiet):
+def afs(aligned_dir, model, device, input_spec, threads, flip, quiet):
     """Angular Fisher score of a model on a labelled aligned folder (lower is better).
 
     The SphereFace appendix's measure, AFS = S_w / S_b: within-class
@@ -493,7 +588,7 @@ def afs(aligned_dir, model, device, input_spec, flip, quiet):
     from spherecli.metrics import angular_fisher_score
     from spherecli.recognize import embed_folder
 
-    emb, _ = embedder(model, device, input_spec, flip=flip)
+    emb, _ = embedder(model, device, input_spec, threads, flip=flip)
     names, feats, _ = embed_folder(emb, aligned_dir, aligned=True, progress=not quiet, desc="afs")
     labels = [n.split("/")[0] for n in names]
     score = angular_fisher_score(feats, labels)
@@ -502,32 +597,33 @@ def afs(aligned_dir, model, device, input_spec, flip, quiet):
 
 @cli.command()
 @click.argument("runs", nargs=-1, required=True, type=EXISTING_FOLDER)
-@click.option("--plot", type=FILE, help="Draw the runs' curves of --key into this PNG.")
+@click.option("--plot", type=OutputPath("png"), help="Draw the runs' curves of --key into this PNG.")
 @click.option("--key", default="loss", help="What to plot: loss, acc, feature_norm, lambda, lr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON lines.")
 def report(runs, plot, key, as_json):
     """Compare training runs: final loss, accuracy, speed, LFW (when evaluated), curves."""
     import json
 
-    from spherecli.formats import writable
+    from spherecli.outputs import Outputs
     from spherecli.report import COLUMNS, curves, summarize, table_row
 
-    if plot:
-        writable(plot)
-    rows = [summarize(r) for r in runs]
-    series = curves(runs, key, drawing=bool(plot))  # a bad --key fails before anything is printed
-    if as_json:
-        for row in rows:
-            click.echo(json.dumps(row))
-    else:
-        table = Table(*COLUMNS)
-        for row in rows:
-            table.add_row(*table_row(row))
-        stdout().print(table)
-    if plot:
-        from spherecli.plot import line_chart
+    with Outputs(runs) as outputs:
+        if plot:
+            outputs.file(plot, "png")
+        rows = [summarize(r) for r in runs]
+        series = curves(runs, key, drawing=bool(plot))  # a bad --key fails before anything is printed
+        if as_json:
+            for row in rows:
+                click.echo(json.dumps(row))
+        else:
+            table = Table(*COLUMNS)
+            for row in rows:
+                table.add_row(*table_row(row))
+            stdout().print(table)
+        if plot:
+            from spherecli.plot import line_chart
 
-        line_chart(plot, series, title=key, xlabel="iteration", ylabel=key)
+            line_chart(plot, series, title=key, xlabel="iteration", ylabel=key)
 
 
 def main() -> None:
@@ -544,11 +640,18 @@ def main() -> None:
             click.echo(str(e) if isinstance(e, Interrupted) else
                        "interrupted: finished work is saved; run the same command again to resume", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # a bad flag or value, found while the command line is read
+        message = e.format_message()
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            message += f" (see {e.ctx.command_path} --help)"
+        say_error(message, quiet_rank)
         sys.exit(e.exit_code)
     except UserError as e:
-        if not quiet_rank:
-            click.secho("error: ", fg="red", bold=True, err=True, nl=False)
-            click.echo(str(e), err=True)
+        say_error(str(e), quiet_rank)
         sys.exit(2)
+
+
+def say_error(message: str, quiet: bool) -> None:
+    if not quiet:
+        click.secho("error: ", fg="red", bold=True, err=True, nl=False)
+        click.echo(message, err=True)

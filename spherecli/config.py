@@ -1,4 +1,6 @@
-"""Training configuration: plain values with the original recipe as defaults.
+"""Settings objects: detection's and training's, plain values with the original's as
+defaults, each field declaring its help and what it may be (spherecli.validate), so
+that the command line, TOML recipes and Python callers check alike.
 
 Kept free of torch so that `sphereface --help` stays instant.
 """
@@ -10,11 +12,50 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from spherecli import UserError
-from spherecli.registry import A_SOFTMAX_BACKWARD, AMP_MODES, HEADS, NETWORKS, STALL_ACTIONS
+from spherecli.registry import (A_SOFTMAX_BACKWARD, AMP_MODES, BORDER_MODES, HEADS, NETWORKS, SELECT_RULES,
+                                STALL_ACTIONS)
+from spherecli.validate import COUNT, NOT_NEGATIVE_INT, Range, check_settings, check_value, setting
 
 
-def opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def opt(default, help: str, range: Range | None = None, choices: tuple | None = None):
+    return setting(default, help, range, choices)
+
+
+@dataclass
+class DetectSettings:
+    """Everything that changes what the manifest says; stored in its header. Each field's
+    help and range are the `detect` option's."""
+    # P-Net's window is 12 px: a smaller face would need the photo enlarged first.
+    min_face: int = setting(20, "Smallest face searched for, in pixels (original: 20).",
+                            Range(12, integer=True))
+    factor: float = setting(0.85, "Image pyramid scale factor (original: 0.85).",
+                            Range(0, 1, lo_open=True, hi_open=True))
+    thresholds: tuple = setting((0.6, 0.7, 0.9), "P-Net,R-Net,O-Net score thresholds (original: "
+                                "0.6,0.7,0.9).", Range(0.1, 1))  # below 0.1 every window passes
+    select: str = setting("center", "Which face of a photo with several: nearest the centre (the "
+                          "original), largest, most confident.", choices=SELECT_RULES)
+    all_faces: bool = setting(False, "Also record every face found, under 'all'.")
+    exif: bool = setting(True, "Apply the EXIF orientation tag.")
+    max_side: int = setting(2000, "Downscale larger images for detection; landmarks are mapped back.",
+                            Range(12, integer=True))
+    border: str = setting("redetect", "Faces that fill the frame: detect again on a black-padded copy "
+                          "when a box leaves the frame or no face is found (redetect), always detect "
+                          "padded (pad), or as the original (none), whose landmarks slide up such faces.",
+                          choices=BORDER_MODES)
+
+    def __post_init__(self):
+        if isinstance(self.thresholds, str):
+            self.thresholds = tuple(v for v in self.thresholds.split(","))
+        if not isinstance(self.thresholds, (tuple, list)) or len(self.thresholds) != 3:
+            raise UserError(f"thresholds: expected three numbers (P-Net, R-Net, O-Net), got "
+                            f"{self.thresholds!r}")
+        check_settings(self)
+        self.thresholds = tuple(float(t) for t in self.thresholds)
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["thresholds"] = list(self.thresholds)
+        return d
 
 
 @dataclass
@@ -31,68 +72,68 @@ class TrainConfig:
     cache_file: str | None = opt(None, "Decode the list's images once into this file (uint8, about 32 KB "
                                        "per 112x96 face; memory-mapped and shared by every process, for "
                                        "data larger than memory or several GPUs); made on first use.")
-    workers: int = opt(4, "DataLoader worker processes per training process.")
+    workers: int = opt(4, "DataLoader worker processes per training process.", NOT_NEGATIVE_INT)
     # network
-    arch: str = opt("sphere20", "Network: " + ", ".join(NETWORKS.names) + " (`--list-archs`).")
+    arch: str = opt("sphere20", "Network: " + ", ".join(NETWORKS.names) + " (`--list-archs`).",
+                    choices=NETWORKS.names)
     feature_dim: int | None = opt(None, "Face feature size [default: the network's own: 512 for "
-                                        "SphereFace, 128 for MobileFaceNet].")
+                                        "SphereFace, 128 for MobileFaceNet].", Range(1, 2048, integer=True))
     # head: its type, and its own settings (the [head] table of a TOML file; HEAD_SETTINGS)
-    head: str = opt("asoftmax", "Margin head: " + ", ".join(HEADS.names) + ".")
+    head: str = opt("asoftmax", "Margin head: " + ", ".join(HEADS.names) + ".", choices=HEADS.names)
     head_args: dict = field(default_factory=dict, metadata={"help": "The head's settings."})
     # solver
-    batch_size: int = opt(256, "Images per process and iteration (Caffe: 256 per GPU).")
-    lr: float = opt(0.1, "Base learning rate.")
-    momentum: float = opt(0.9, "SGD momentum.")
-    weight_decay: float = opt(5e-4, "L2 weight decay.")
+    batch_size: int = opt(256, "Images per process and iteration (Caffe: 256 per GPU).", COUNT)
+    lr: float = opt(0.1, "Base learning rate.", Range(0, lo_open=True))
+    momentum: float = opt(0.9, "SGD momentum.", Range(0, 1, hi_open=True))
+    weight_decay: float = opt(5e-4, "L2 weight decay.", Range(0))
     lr_steps: tuple = opt((16000, 24000), "Iterations where lr is multiplied by lr_factor; values "
-                                          "below 1 are fractions of max_iter.")
-    lr_factor: float = opt(0.1, "lr multiplier at each step.")
-    max_iter: int = opt(28000, "Iterations to train.")
-    warmup: int = opt(0, "Linear lr warm-up iterations (0: none, the original).")
-    clip_grad: float = opt(0.0, "Clip the gradient norm to this value (0: off, the original).")
+                                          "below 1 are fractions of max_iter.", Range(0))
+    lr_factor: float = opt(0.1, "lr multiplier at each step.", Range(0, lo_open=True))
+    max_iter: int = opt(28000, "Iterations to train.", NOT_NEGATIVE_INT)
+    warmup: int = opt(0, "Linear lr warm-up iterations (0: none, the original).", NOT_NEGATIVE_INT)
+    clip_grad: float = opt(0.0, "Clip the gradient norm to this value (0: off, the original).", Range(0))
     caffe_param_rules: bool = opt(True, "Biases at 2x lr and no weight decay, as in the original.")
-    seed: int = opt(0, "Seed of the initial weights and of the data order.")
+    seed: int = opt(0, "Seed of the initial weights and of the data order.",
+                    Range(0, 2**31 - 1, integer=True))
     # devices
     device: str = opt("auto", "cpu, cuda or auto (cuda when available).")
     gpus: str | None = opt(None, "GPU ids, e.g. 0,1: one DDP process per GPU.")
-    nproc: int = opt(1, "Processes on this machine when --gpus is not given (CPU: gloo).")
+    nproc: int = opt(1, "Processes on this machine when --gpus is not given (CPU: gloo).", COUNT)
     amp: str = opt("auto", "Mixed precision: auto (bf16 where the hardware runs it fast: "
                            "CUDA with native bf16, CPUs with AMX or AVX512-BF16), none (fp32, the "
-                           "original), bf16, or fp16 (with loss scaling). The margin head is always fp32.")
+                           "original), bf16, or fp16 (with loss scaling). The margin head is always fp32.",
+                  choices=AMP_MODES)
     channels_last: bool = opt(True, "Channels-last memory format (measured faster on CPU).")
     compile: bool = opt(False, "torch.compile the network (measured slower on CPU).")
     # run control
-    display: int = opt(20, "Log every this many iterations.")
-    snapshot: int = opt(1000, "Checkpoint every this many iterations.")
+    display: int = opt(20, "Log every this many iterations.", COUNT)
+    snapshot: int = opt(1000, "Checkpoint every this many iterations.", COUNT)
     init_from: str | None = opt(None, "Start from the network weights of this checkpoint or model "
                                       "(e.g. a softmax-trained one); the head starts fresh.")
     on_stall: str = opt("warn", "When the loss sits at ln C while features shrink: warn, stop "
-                                "or ignore.")
+                                "or ignore.", choices=STALL_ACTIONS)
 
 
 # The heads' settings, as flags and as keys of the [head] table. Each head takes
 # the ones its constructor names (spherecli/losses.py); others are an error.
 HEAD_SETTINGS = {
-    "margin": (float, "Margin m [default: A-Softmax 4, CosFace 0.35, ArcFace 0.5]."),
+    "margin": (float, "Margin m [default: A-Softmax 4, CosFace 0.35, ArcFace 0.5].", Range(0)),
     "scale": (float, "Feature scale s [default: CosFace/ArcFace 64; A-Softmax none, i.e. |x|; a "
-                     "value gives feature-normalised A-Softmax]."),
-    "lambda_base": (float, "A-Softmax lambda = max(lambda_min, base (1 + gamma t)^-power) [1000]."),
-    "lambda_gamma": (float, "A-Softmax lambda decay gamma [0.12]."),
-    "lambda_power": (float, "A-Softmax lambda decay power [1]."),
-    "lambda_min": (float, "A-Softmax lambda floor [5]."),
+                     "value gives feature-normalised A-Softmax].", Range(0, lo_open=True)),
+    "lambda_base": (float, "A-Softmax lambda = max(lambda_min, base (1 + gamma t)^-power) [1000].", Range(0)),
+    "lambda_gamma": (float, "A-Softmax lambda decay gamma [0.12].", Range(0)),
+    "lambda_power": (float, "A-Softmax lambda decay power [1].", Range(0)),
+    "lambda_min": (float, "A-Softmax lambda floor [5].", Range(0)),
     "lambda_hold": (int, "A-Softmax: keep lambda at its base for this many iterations before the "
-                         "decay starts [0: the original]."),
+                         "decay starts [0: the original].", NOT_NEGATIVE_INT),
     "backward": (A_SOFTMAX_BACKWARD, "A-Softmax gradient: exact (autograd) or original (the Caffe "
                                      "layer's normalised gradient, which diverged on CelebA; "
-                                     "docs/training.md) [exact]."),
+                                     "docs/training.md) [exact].", None),
 }
 
 LEGACY_DEFAULTS = {"lambda_base": 1000.0, "lambda_gamma": 0.12, "lambda_power": 1.0, "lambda_min": 5.0,
                    "lambda_hold": 0, "backward": "exact"}
 
-CHOICES = {"arch": NETWORKS.names, "head": HEADS.names, "amp": AMP_MODES, "on_stall": STALL_ACTIONS}
-POSITIVE = ("batch_size", "display", "snapshot", "nproc", "lr")
-NOT_NEGATIVE = ("workers", "max_iter", "warmup", "clip_grad", "weight_decay", "momentum")
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
@@ -149,12 +190,9 @@ def _coerce(name: str, value, where: str = ""):
         except (TypeError, ValueError):
             raise UserError(f"{where}lr_steps: expected iterations (or fractions of max_iter "
                             f"below 1), e.g. 16000,24000, got {value!r}") from None
-        return tuple(v if v < 1 else int(v) for v in steps)
-    value = _typed(name, value, CHOICES.get(name, field_type(f)), where)
-    if name in POSITIVE and value <= 0 or name in NOT_NEGATIVE and value < 0:
-        raise UserError(f"{where}{name} must be {'above' if name in POSITIVE else 'at least'} 0, "
-                        f"got {value}")
-    return value
+        return check_value(f, tuple(v if v < 1 else int(v) for v in steps), where)
+    value = _typed(name, value, f.metadata["choices"] or field_type(f), where)
+    return check_value(f, value, where)
 
 
 def _layer(values: dict, where: str) -> tuple[dict, str | None, dict]:
@@ -174,7 +212,10 @@ def _layer(values: dict, where: str) -> tuple[dict, str | None, dict]:
     for k, v in settings.items():
         if k not in HEAD_SETTINGS:
             raise _unknown(k, where)
-        settings[k] = _typed(k, v, HEAD_SETTINGS[k][0], where)
+        kind, _, rng = HEAD_SETTINGS[k]
+        settings[k] = _typed(k, v, kind, where)
+        if rng is not None:
+            settings[k] = rng.check(settings[k], f"{where}{k}")
     if head is not None:
         head = _typed("head", head, HEADS.names, where)
         if legacy:
@@ -247,9 +288,35 @@ def resolve(config_file: str | Path | None, overrides: dict, resume: bool) -> tu
     """
     from spherecli.formats import RunFolder, read_toml
 
-    cfg = load_config(config_file, overrides)
+    cfg = absolute_paths(load_config(config_file, overrides))
     saved = RunFolder(cfg.out)
     if resume and saved.config.is_file():
-        cfg = load_config(config_file, overrides, base=read_toml(saved.config))
-        return cfg, RunFolder(cfg.out).checkpoint.exists()
+        before = absolute_paths(load_config(base=read_toml(saved.config)))
+        cfg = absolute_paths(load_config(config_file, overrides, base=read_toml(saved.config)))
+        if saved.checkpoint.exists():
+            changed = [f"{k} {getattr(before, k)} -> {getattr(cfg, k)}" for k in RESUME_FIXED
+                       if getattr(before, k) != getattr(cfg, k)]
+            if changed:
+                raise UserError(f"{saved.path} holds a run trained with other settings "
+                                f"({'; '.join(changed)}); "
+                                "a resumed run keeps its network, head and data: drop those options to "
+                                "continue it, or train into another --out")
+        return cfg, saved.checkpoint.exists()
     return cfg, False
+
+
+# What a run resumed from its checkpoint cannot change: the checkpoint's network and
+# head were built from them.
+RESUME_FIXED = ("arch", "feature_dim", "head", "list", "root")
+PATHS = ("list", "root", "cache_file", "init_from")
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with its input paths absolute, so that config.toml resumes from any folder."""
+    import os
+
+    for name in PATHS:
+        value = getattr(cfg, name)
+        if value:
+            setattr(cfg, name, os.path.abspath(value))
+    return cfg

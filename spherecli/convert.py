@@ -22,6 +22,7 @@ from spherecli import UserError
 from spherecli.formats import InputSpec, ModelFile, parse_input_spec, torch_load
 from spherecli.models import build_from
 from spherecli.models.sphereface import UNITS
+from spherecli.outputs import Outputs
 from spherecli.registry import IMPORT_FORMATS
 
 HEAD_LAYER = "fc6"  # the original's A-Softmax layer, which the feature network leaves out
@@ -257,12 +258,20 @@ def detect_format(path: Path) -> str:
 
 
 def import_model(source: str | Path, output: str | Path, *, fmt: str | None = None,
-                 prototxt: str | Path | None = None, input_spec: str | None = None) -> dict:
+                 prototxt: str | Path | None = None, input_spec: str | None = None,
+                 overwrite: bool = False) -> dict:
     """Convert a published model into a spherecli model file; returns what was made.
-    input_spec (a preset, JSON file or key=value pairs) overrides what the format implies."""
+    input_spec (a preset, JSON file or key=value pairs) overrides what the format implies.
+    An existing output is replaced only with overwrite, and never when it is an input."""
     source = Path(source)
     if not source.is_file():
         raise UserError(f"{source}: no such file")
+    with Outputs([source, prototxt], overwrite) as outputs:
+        outputs.file(output, "model")
+        return _import(source, output, fmt, prototxt, input_spec)
+
+
+def _import(source: Path, output, fmt, prototxt, input_spec) -> dict:
     kind = fmt or detect_format(source)
     if kind == "caffe":
         file = from_caffe(source, Path(prototxt) if prototxt else None)

@@ -141,29 +141,27 @@ class CachedFaces:
         self.images, self.labels = images, torch.from_numpy(labels)
 
     @classmethod
-    def in_memory(cls, items: ImageList, workers: int = 0) -> "CachedFaces":
-        return cls(torch.cat([x for x, _ in _decoder(items, workers)]), items.labels)
+    def in_memory(cls, items: ImageList, size, workers: int = 0) -> "CachedFaces":
+        return cls(torch.cat([x for x, _ in _decoder(items, size, workers)]), items.labels)
 
     @classmethod
-    def in_file(cls, items: ImageList, path: str | Path, workers: int = 0,
+    def in_file(cls, items: ImageList, size, path: str | Path, workers: int = 0,
                 build: bool = True) -> "CachedFaces":
         """Open the cache file of these items, making it first (when build) if it is
         missing or was made from another list."""
         path = Path(path)
         key = cache_key(items)
         if build and not cache_matches(path, key):
-            first = load_face(items[0][0])
             tmp = path.with_name(path.name + ".tmp")
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                            shape=(len(items), 3, *first.shape[:2]))
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), 3, *size))
             at = 0
-            for x, _ in _decoder(items, workers):
+            for x, _ in _decoder(items, size, workers):
                 out[at:at + len(x)] = x.numpy()
                 at += len(x)
             out.flush()
             del out
             os.replace(tmp, path)
-            write_cache_key(path, key, len(items), first.shape[:2])
+            write_cache_key(path, key, len(items), size)
         if not cache_matches(path, key):
             raise UserError(f"{path}: the image cache is missing or was made from another list")
         return cls(np.load(path, mmap_mode="r"), items.labels)
@@ -177,18 +175,19 @@ class CachedFaces:
         return x, self.labels[index]
 
 
-def _decoder(items, workers: int):
-    return worker_errors(DataLoader(FaceList(items), batch_size=256, num_workers=workers,
+def _decoder(items, size, workers: int):
+    return worker_errors(DataLoader(FaceList(items, size), batch_size=256, num_workers=workers,
                                     sampler=[(i, False) for i in range(len(items))]))
 
 
-def batches(items, sampler: EpochBatches, workers: int, cache: bool, pin: bool = False,
+def batches(items, size, sampler: EpochBatches, workers: int, cache: bool, pin: bool = False,
             cache_file: str | None = None, build: bool = True):
-    """Iterator of (uint8 images, labels) for the sampler's batches."""
+    """Iterator of (uint8 images, labels) for the sampler's batches; every image must be
+    of size (height, width), the first one's: a list of raw photos is an error naming one."""
     if cache_file or cache:
-        store = (CachedFaces.in_file(items, cache_file, workers, build) if cache_file
-                 else CachedFaces.in_memory(items, workers))
+        store = (CachedFaces.in_file(items, size, cache_file, workers, build) if cache_file
+                 else CachedFaces.in_memory(items, size, workers))
         return (store.batch(keys) for keys in sampler)
-    return worker_errors(DataLoader(FaceList(items), batch_sampler=sampler, num_workers=workers,
+    return worker_errors(DataLoader(FaceList(items, size), batch_sampler=sampler, num_workers=workers,
                                     pin_memory=pin, persistent_workers=False,
                                     prefetch_factor=4 if workers else None))

@@ -14,7 +14,6 @@ import ctypes
 import os
 import time
 import zlib
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -24,13 +23,13 @@ from tqdm import tqdm
 
 from spherecli import UserError
 from spherecli.devices import resolve_device
-from spherecli.formats import (JsonlAppender, latest_status, locked, manifest_header, manifest_summary,
-                               read_manifest)
+from spherecli.formats import JsonlAppender, latest_status, manifest_header, manifest_summary, read_manifest
 from spherecli.images import (IMAGE_EXTENSIONS, MAX_PIXELS, decode, describe_error, identity_of,
                               oriented_size, walk_images)
 from spherecli.mtcnn import MTCNN
+from spherecli.outputs import Outputs, locked
 from spherecli.parallel import cpu_count, map_batches
-from spherecli.registry import BORDER_MODES, SELECT_RULES
+from spherecli.config import DetectSettings
 
 # A face whose box runs past the frame by more than this fraction of the image's
 # side is detected again on a padded copy; the copy gets this fraction of the
@@ -42,38 +41,6 @@ BORDER_PAD = 0.25
 SIZE_STEP = 32
 # What manifests written before a setting existed meant by it.
 LEGACY_SETTINGS = {"border": "none"}
-
-
-@dataclass
-class DetectSettings:
-    """Everything that changes what the manifest says; stored in its header."""
-    min_face: int = 20                      # the original's minsize
-    factor: float = 0.85                    # the original's pyramid scale factor
-    thresholds: tuple = (0.6, 0.7, 0.9)     # P-, R-, O-Net thresholds of the original
-    select: str = "center"                  # the original keeps the face nearest the centre
-    all_faces: bool = False
-    exif: bool = True
-    max_side: int = 2000                    # larger photos are downscaled for detection
-    border: str = "redetect"                # faces reaching past the frame: see FaceDetector.detect
-
-    def __post_init__(self):
-        try:
-            values = self.thresholds.split(",") if isinstance(self.thresholds, str) else self.thresholds
-            self.thresholds = tuple(float(t) for t in values)
-        except ValueError:
-            raise UserError(f"--thresholds: expected three comma-separated numbers, got "
-                            f"{self.thresholds!r}") from None
-        if self.select not in SELECT_RULES:
-            raise UserError(f"--select must be one of {', '.join(SELECT_RULES)}")
-        if self.border not in BORDER_MODES:
-            raise UserError(f"--border must be one of {', '.join(BORDER_MODES)}")
-        if len(self.thresholds) != 3:
-            raise UserError("thresholds are three numbers (P-Net, R-Net, O-Net)")
-
-    def as_json(self) -> dict:
-        d = asdict(self)
-        d["thresholds"] = list(self.thresholds)
-        return d
 
 
 class FaceDetector:
@@ -150,7 +117,7 @@ def select_face(faces: list[dict], width: int, height: int, rule: str = "center"
                + ((faces[i]["box"][1] + faces[i]["box"][3]) / 2 - cy) ** 2)
 
 
-def _scale_face(face: dict, scale: float) -> dict:
+def scale_face(face: dict, scale: float) -> dict:
     if scale == 1.0:
         return face
     return {**face, "box": [round(v / scale, 2) for v in face["box"]],
@@ -223,7 +190,7 @@ def _detect_batch(job: tuple[str, list[str]]) -> list[dict]:
         if isinstance(faces, Exception):
             rec.update(status="error", error=f"detector failed: {describe_error(faces)}")
             continue
-        faces = [_scale_face(f, scale) for f in faces]
+        faces = [scale_face(f, scale) for f in faces]
         rec["faces"] = len(faces)
         if not faces:
             rec.update(status="no_face")
@@ -335,7 +302,7 @@ def detect_tree(root: str | Path, manifest: str | Path | None = None, settings: 
     if not images:
         raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it"
                         + (f" in shard {shard[0]}/{shard[1]}" if shard else ""))
-    with locked(manifest, "detect"):
+    with Outputs([root]) as outputs, locked(outputs.file(manifest, "manifest"), "detect"):
         done = _resume_state(manifest, header, retry_errors)
         writer = JsonlAppender(manifest)
         if manifest.stat().st_size == 0:

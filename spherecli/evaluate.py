@@ -10,21 +10,24 @@ so a long run is never lost to a typo in a path.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from spherecli import UserError
 from spherecli.benchmarks import Benchmark, Pairs, decode_crops, distinct_images, fit_crops, read_pairs
-from spherecli.formats import load_features, result_path, save_features, writable
+from spherecli.formats import load_features, result_path, save_features, write_result, write_scores
 from spherecli.metrics import calibrate, roc, verification
+from spherecli.outputs import Outputs
 from spherecli.registry import LFW_PATTERN
 
 
 def evaluate_features(features: np.ndarray, index: dict[str, int], pairs: Pairs,
                       mean_subtract: bool = True) -> dict:
     """Run the protocol given one feature row per image and the pair list."""
+    if pairs.folds < 2:
+        raise UserError(f"{pairs.name}: {pairs.folds} fold; the protocol chooses each fold's threshold on "
+                        "the other folds, so it needs at least 2 (LFW has 10)")
     left = features[[index[p] for p in pairs.left]]
     right = features[[index[p] for p in pairs.right]]
     result = verification(left, right, pairs.same, pairs.folds, mean_subtract)
@@ -53,18 +56,22 @@ def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: s
     pairs = read_pairs(pairs_path, pattern)
     if features is None and (model is None or data is None):
         raise UserError("give --model and --data (aligned images), or --features")
-    output = writable(output or result_path(model or features, pairs.name))
-    for path in (roc_png, scores_csv, save_features_to):
-        if path is not None:
-            writable(path)
-    net = None if features is not None else _network(model, device, amp, arch, input_spec, runtime)
-    bench = Benchmark(pairs.name, pairs, data=None if data is None else Path(data), source=str(pairs_path))
-    result = run_benchmark(bench, net=net, features=features, save_features_to=save_features_to, flip=flip,
-                           mean_subtract=mean_subtract, skip_missing=skip_missing, batch_size=batch_size,
-                           workers=workers, amp=amp, progress=progress)
-    result["settings"]["pattern"] = pattern
-    write_outputs(result, pairs, output, roc_png, scores_csv)
-    return result
+    if features is not None and data is not None:
+        raise UserError("give --data (aligned images, with --model) or --features, not both")
+    with Outputs([pairs_path, model, data, features]) as outputs:
+        output = outputs.file(output or result_path(model or features, pairs.name), "result")
+        roc_png, scores_csv, save_features_to = (
+            path if path is None else outputs.file(path, kind)
+            for path, kind in ((roc_png, "png"), (scores_csv, "scores"), (save_features_to, "features")))
+        net = None if features is not None else _network(model, device, amp, arch, input_spec, runtime)
+        bench = Benchmark(pairs.name, pairs, data=None if data is None else Path(data),
+                          source=str(pairs_path))
+        result = run_benchmark(bench, net=net, features=features, save_features_to=save_features_to,
+                               flip=flip, mean_subtract=mean_subtract, skip_missing=skip_missing,
+                               batch_size=batch_size, workers=workers, amp=amp, progress=progress)
+        result["settings"]["pattern"] = pattern
+        write_outputs(result, pairs, output, roc_png, scores_csv)
+        return result
 
 
 def evaluate_many(benchmarks: list[Benchmark], model: str | Path, *, flip: str = "concat",
@@ -73,16 +80,18 @@ def evaluate_many(benchmarks: list[Benchmark], model: str | Path, *, flip: str =
                   device: str = "cpu", amp: str = "none", runtime: str = "auto",
                   progress: bool = True) -> list[dict]:
     """Several benchmarks with one model, each result next to the model as MODEL.<name>.json."""
-    outputs = [writable(result_path(model, b.name)) for b in benchmarks]
-    net = _network(model, device, amp, arch, input_spec, runtime)
-    results = []
-    for bench, output in zip(benchmarks, outputs):
-        result = run_benchmark(bench, net=net, flip=flip, mean_subtract=mean_subtract,
-                               skip_missing=skip_missing, batch_size=batch_size, workers=workers, amp=amp,
-                               progress=progress)
-        write_outputs(result, bench.pairs, output)
-        results.append(result)
-    return results
+    inputs = [model] + [p for b in benchmarks for p in (b.data, b.source or None)]
+    with Outputs(inputs) as outputs:
+        paths = [outputs.file(result_path(model, b.name), "result") for b in benchmarks]
+        net = _network(model, device, amp, arch, input_spec, runtime)
+        results = []
+        for bench, output in zip(benchmarks, paths):
+            result = run_benchmark(bench, net=net, flip=flip, mean_subtract=mean_subtract,
+                                   skip_missing=skip_missing, batch_size=batch_size, workers=workers, amp=amp,
+                                   progress=progress)
+            write_outputs(result, bench.pairs, output)
+            results.append(result)
+        return results
 
 
 def _network(model, device, amp, arch, input_spec, runtime):
@@ -156,7 +165,7 @@ def _extract(bench: Benchmark, net, names: list[str], flip: str, batch_size: int
 
 
 def write_outputs(result: dict, pairs: Pairs, output: Path, roc_png=None, scores_csv=None) -> None:
-    output.write_text(json.dumps(json_ready(result), indent=1) + "\n")
+    write_result(output, result)
     result["output"] = str(output)
     if roc_png:
         from spherecli.plot import roc_chart
@@ -164,10 +173,7 @@ def write_outputs(result: dict, pairs: Pairs, output: Path, roc_png=None, scores
         roc_chart(roc_png, {f"AUC {result['roc_auc']:.4f}": (result["roc"]["far"], result["roc"]["tar"])},
                   title=f"ROC on {pairs.name}")
     if scores_csv:
-        with open(scores_csv, "w", encoding="utf-8") as f:
-            f.write("left,right,same,score\n")
-            for a, b, same, score in zip(pairs.left, pairs.right, pairs.same, result["scores"]):
-                f.write(f"{a},{b},{int(same)},{score:.6f}\n")
+        write_scores(scores_csv, pairs.left, pairs.right, pairs.same, result["scores"])
 
 
 def fold_table(result: dict) -> list[tuple[str, str]]:
@@ -196,5 +202,3 @@ def summary_lines(result: dict) -> str:
             f"best-threshold accuracy {100 * result['best_accuracy']:.2f}%")
 
 
-def json_ready(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k not in ("scores", "roc")}

@@ -20,6 +20,7 @@ from spherecli.features import prepare, to_onnx
 from spherecli.formats import InputSpec, onnx_sidecar, write_input_spec
 from spherecli.images import walk_images
 from spherecli.models import load_model
+from spherecli.outputs import Outputs
 
 
 def check_batch(spec: InputSpec, check_dir: str | Path | None, n: int = 32) -> tuple[torch.Tensor, str]:
@@ -36,11 +37,19 @@ def check_batch(spec: InputSpec, check_dir: str | Path | None, n: int = 32) -> t
 
 
 def export(model_path: str | Path, output: str | Path, *, check_dir: str | Path | None = None,
-           opset: int = 17) -> dict:
-    """Write the network as .onnx, .pt2 (torch.export) or TorchScript (.pt/.ts) and compare
-    its features."""
+           opset: int = 17, overwrite: bool = False) -> dict:
+    """Write the network as .onnx, .pt2 (torch.export) or .ts (TorchScript, which LibTorch
+    loads; no spherecli command reads it back) and compare its features. A .pt name is
+    refused: that is what spherecli's own model files are called."""
+    with Outputs([model_path, check_dir], overwrite) as outputs:
+        output = outputs.file(output, "export")
+        if output.suffix == ".onnx":
+            outputs.file(onnx_sidecar(output), "input spec")
+        return _export(model_path, output, check_dir, opset)
+
+
+def _export(model_path, output: Path, check_dir, opset: int) -> dict:
     model, file = load_model(model_path)
-    output = Path(output)
     x, what = check_batch(file.input, check_dir)
     with torch.no_grad():
         expected = model(x).numpy()
@@ -63,7 +72,7 @@ def export(model_path: str | Path, output: str | Path, *, check_dir: str | Path 
         with torch.no_grad():
             got = torch.export.load(output).module()(x).numpy()
         runtime = "torch.export"
-    elif output.suffix in (".pt", ".ts"):
+    elif output.suffix == ".ts":
         # TorchScript is deprecated in PyTorch (which warns at every call) but still what
         # LibTorch (C++) loads.
         with warnings.catch_warnings():
@@ -74,8 +83,7 @@ def export(model_path: str | Path, output: str | Path, *, check_dir: str | Path 
                 got = torch.jit.load(str(output))(x).numpy()
         runtime = "torch.jit"
     else:
-        raise UserError(f"{output}: use .onnx for ONNX, .pt2 for torch.export or .pt / .ts "
-                        "for TorchScript")
+        raise UserError(f"{output}: use .onnx for ONNX, .pt2 for torch.export or .ts for TorchScript")
     return {"output": str(output), "input": file.input.describe(), "checked": True, "runtime": runtime,
             "inputs": what,
             "max_abs_diff": float(np.abs(got - expected).max()),

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from spherecli import UserError
+from spherecli import UserError, excerpt
 from spherecli.data import FaceList, worker_errors
 from spherecli.devices import resolve_device
 from spherecli.formats import InputSpec, onnx_sidecar, parse_input_spec, read_input_spec
@@ -86,7 +86,7 @@ class OnnxNetwork:
             source = model if isinstance(model, bytes) else str(model)
             self.session = onnxruntime.InferenceSession(source, options, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise UserError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
+            raise UserError(f"{path}: not a readable ONNX model ({excerpt(e, 200)})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise UserError(f"{path}: expected one (N, 3, H, W) image input, found "
@@ -106,14 +106,15 @@ class OnnxNetwork:
 
 
 def load_network(path: str | Path, *, device: str = "cpu", amp: str = "none", arch: str | None = None,
-                 input_spec: str | None = None, runtime: str = "torch"):
+                 input_spec: str | None = None, runtime: str = "torch", threads: int = 0):
     """A model file, checkpoint or ONNX model, ready to embed crops.
 
     An ONNX model's input spec comes from input_spec (a preset, a JSON file or
     key=value pairs) or its sidecar MODEL.onnx.json; a model file states its own.
     runtime "onnxruntime" runs a model file through onnxruntime; "auto" does so on
     the CPU in fp32 for the networks measured faster there (`cpu_runtime`), whose
-    features it leaves as they are (docs/benchmarks.md).
+    features it leaves as they are (docs/benchmarks.md). threads: onnxruntime's threads
+    (0: its default, every core).
     """
     path = Path(path)
     device = resolve_device(device)
@@ -126,7 +127,7 @@ def load_network(path: str | Path, *, device: str = "cpu", amp: str = "none", ar
             raise UserError(f"{path}: an ONNX model needs its input spec: --input-spec insightface "
                             f"(112x112 RGB, ArcFace points, (x - 127.5) / 127.5), --input-spec "
                             f"sphereface, key=value pairs, or a sidecar {onnx_sidecar(path).name}")
-        return OnnxNetwork(path, spec, device=device)
+        return OnnxNetwork(path, spec, device=device, threads=threads)
     if input_spec is not None:
         raise UserError("--input-spec is for ONNX models; a spherecli model file states its own")
     module, file = load_model(path, arch)
@@ -135,7 +136,8 @@ def load_network(path: str | Path, *, device: str = "cpu", amp: str = "none", ar
         fp32_cpu = device == "cpu" and amp == "none"
         runtime = "onnxruntime" if faster and fp32_cpu and _has_onnxruntime() else "torch"
     if runtime == "onnxruntime":
-        return OnnxNetwork(to_onnx(module, file.input), file.input, device=device, name=str(path))
+        return OnnxNetwork(to_onnx(module, file.input), file.input, device=device, threads=threads,
+                           name=str(path))
     return TorchNetwork(module, file.input, str(path), device=device, amp=amp)
 
 

@@ -16,91 +16,17 @@ from __future__ import annotations
 import json
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from spherecli import UserError, __version__
+from spherecli import UserError, __version__, excerpt
+from spherecli.images import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, is_image_name
 
 MANIFEST_FORMAT = "spherecli.manifest"
 MANIFEST_VERSION = 1
-
-
-# --------------------------------------------------------------------------- outputs
-
-def writable(path: str | Path) -> Path:
-    """An output file's path, its folder made and checked before any work is done for it."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a folder")
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UserError(f"cannot write {path}: permission denied")
-    return path
-
-
-def refuse_overwrite(path: str | Path, overwrite: bool, source: str | Path | None = None) -> Path:
-    """An output that must not replace what is there: the input itself never, another
-    existing file only with --overwrite."""
-    path = writable(path)
-    if source is not None and path.exists() and path.resolve() == Path(source).resolve():
-        raise UserError(f"{path} is the input itself; write the output elsewhere")
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} exists; add --overwrite to replace it, or write elsewhere")
-    return path
-
-
-@contextmanager
-def locked(path: str | Path, what: str):
-    """Hold PATH.lock while writing PATH: a second process writing the same output is
-    refused, saying who holds it; a lock whose process is gone is taken over."""
-    import socket
-    import sys
-    import time
-
-    lock = writable(str(path) + ".lock")
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-          "command": " ".join(sys.argv)[:300]}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            alive = holder.get("host") != me["host"] or _running(holder.get("pid"))
-            if alive:
-                raise UserError(f"{path} is being written by another {what} (pid {holder.get('pid')} on "
-                                f"{holder.get('host')}, since {holder.get('started')}: "
-                                f"{holder.get('command')}); wait for it to finish, or remove {lock} if that "
-                                "process is gone") from None
-            lock.unlink(missing_ok=True)  # its process is gone: a stale lock
-    else:
-        raise UserError(f"could not take {lock}")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _running(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_toml(path: str | Path) -> dict:
@@ -114,6 +40,8 @@ def read_toml(path: str | Path) -> dict:
         raise UserError(f"{path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (TOML is UTF-8)") from None
 
 
 # --------------------------------------------------------------------------- JSON Lines
@@ -263,11 +191,13 @@ def read_landmark_file(path: str | Path) -> Iterator[dict]:
 LIST_LINE = re.compile(r"^(.*?\S)[ \t]+(-?\d+)[ \t]*$")
 
 
+def summary_path(list_path: str | Path) -> Path:
+    """A list's counts and label -> name table: LIST.txt.json beside LIST.txt."""
+    return Path(str(list_path) + ".json")
+
+
 def write_list(path: str | Path, items: Iterable[tuple[str, int]]) -> None:
-    text = "".join(f"{p} {label}\n" for p, label in items)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(f"{p} {label}\n" for p, label in items))
 
 
 class ImageList:
@@ -335,14 +265,20 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     """torch.save, atomically: a kill mid-write leaves the previous file intact.
 
     Only tensors, numbers, strings, lists and dicts go in, so both kinds load
-    with torch.load(weights_only=True).
+    with torch.load(weights_only=True). The caller has checked the path
+    (spherecli.outputs).
     """
     import torch
 
-    path = writable(path)
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def torch_load(path: str | Path):
@@ -361,8 +297,9 @@ def torch_load(path: str | Path):
     except pickle.UnpicklingError as e:
         # PyTorch's message suggests weights_only=False: exactly what would run the file's code.
         lines = (line.strip() for line in str(e).splitlines()[1:])
-        detail = next((line for line in lines if line and not line.startswith(("Check the", "Please file"))),
-                      str(e).splitlines()[0] if str(e) else "unreadable")[:120]
+        detail = excerpt(next((line for line in lines if line and not line.startswith(("Check the",
+                                                                                        "Please file"))),
+                              str(e) or "unreadable"))
         if "global" in detail.lower():
             raise UserError(f"{path}: holds Python objects other than tensors, numbers and "
                             f"containers ({detail}); spherecli never executes code from a "
@@ -370,7 +307,7 @@ def torch_load(path: str | Path):
         raise UserError(f"{path}: not a PyTorch model or checkpoint file ({detail})") from None
     except Exception as e:  # noqa: BLE001 - zip, pickle and format errors come in many types
         raise UserError(f"{path}: not a PyTorch model or checkpoint file "
-                        f"({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
+                        f"({excerpt(e) or type(e).__name__})") from None
 
 
 def load_checkpoint(path: str | Path, expect: str | None = None) -> dict:
@@ -478,8 +415,8 @@ def read_input_spec(path: str | Path) -> InputSpec:
 
 
 def write_input_spec(path: str | Path, spec: InputSpec) -> None:
-    Path(path).write_text(json.dumps({"format": "spherecli.input", "input": spec.as_json()}, indent=1)
-                          + "\n", encoding="utf-8")
+    spec_file = {"format": "spherecli.input", "input": spec.as_json()}
+    write_text_atomic(path, json.dumps(spec_file, indent=1) + "\n")
 
 
 def onnx_sidecar(model: str | Path) -> Path:
@@ -587,10 +524,19 @@ def save_features(path: str | Path, names, features, *, flip: str, amp: str = "n
     """`.npz` of image names (paths under the data folder), float32 features (one row per
     name), and how they were made: flip mode and precision. Written by `evaluate
     --save-features` and `embed`; read by `evaluate --features`."""
+    write_npz(path, names=np.array(list(names), dtype=str), features=np.asarray(features, np.float32),
+              flip=flip, amp=amp)
+
+
+def write_npz(path: str | Path, **arrays) -> None:
+    """np.savez to exactly this path (np.savez itself adds .npz to a name without it), atomically."""
+    tmp = Path(str(path) + f".{os.getpid()}.tmp")
     try:
-        np.savez(path, names=np.array(list(names), dtype=str), features=np.asarray(features, np.float32),
-                 flip=flip, amp=amp)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
     except OSError as e:
+        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
@@ -611,6 +557,140 @@ def result_path(model: str | Path, benchmark: str = "lfw") -> Path:
     return Path(str(Path(model).with_suffix("")) + f".{benchmark}.json")
 
 
+# --------------------------------------------------------------------------- scores and identities
+
+SCORES_COLUMNS = ("left", "right", "same", "score")
+IDENTITY_COLUMNS = ("source", "frame", "x1", "y1", "x2", "y2", "identity", "score", "best_match")
+
+
+def write_scores(path: str | Path, left, right, same, scores) -> None:
+    """`evaluate --scores`: every pair's held-out cosine, one CSV row per pair."""
+    lines = [",".join(SCORES_COLUMNS)] + [f"{a},{b},{int(s)},{v:.6f}"
+                                          for a, b, s, v in zip(left, right, same, scores)]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def write_result(path: str | Path, result: dict) -> None:
+    """An evaluation result (`MODEL.lfw.json`): every number of the protocol and the
+    calibration; the per-pair scores and the ROC points stay out (--scores, --roc)."""
+    kept = {k: v for k, v in result.items() if k not in ("scores", "roc", "output")}
+    write_text_atomic(path, json.dumps(kept, indent=1) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    tmp = Path(str(path) + f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+# --------------------------------------------------------------------------- what a file is
+
+def _first_line(path: Path, limit: int = 1 << 16) -> str:
+    with open(path, "rb") as f:
+        return f.read(limit).split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+
+
+def _json_object(path: Path) -> dict:
+    if path.stat().st_size > 256 << 20:
+        return {}
+    try:
+        obj = json.loads(path.read_bytes())
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _zip_members(path: Path) -> set[str]:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return set(z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return set()
+
+
+def _is_list(path: Path) -> bool:
+    """Lines of `<image path> <label>`: the first twenty say (a pair list or a landmark
+    file also ends its lines in numbers, but not after an image name)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).decode("utf-8", "replace").splitlines()[:20]
+    lines = [x for x in head if x.strip() and not x.startswith("#")]
+    matches = [LIST_LINE.match(x) for x in lines]
+    return bool(lines) and all(m and is_image_name(m.group(1)) for m in matches)
+
+
+def _is_image_cache(path: Path) -> bool:
+    """A `.npy` of uint8 (N, 3, H, W), as `train --cache-file` makes (its key file may be
+    missing: a kill between the two writes)."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except (ValueError, OSError):
+        return False
+    return dtype == np.uint8 and len(shape) == 4 and shape[1] == 3
+
+
+def _is_run_config(path: Path) -> bool:
+    """A run folder's config.toml, as `train` writes it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return "\nmax_iter = " in text and "\n[head]\n" in text
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of output: what it is called, how an existing file of the kind is known (by its
+    contents where it has a layout of ours; None: never replaced without --overwrite), and
+    the names it must end in (None: any)."""
+    what: str
+    test: object = None
+    suffixes: tuple | None = None
+
+
+EXPORT_SUFFIXES = (".onnx", ".pt2", ".ts")
+
+KINDS = {
+    "manifest": Kind("a landmark manifest", lambda p: _first_line(p).startswith("{")
+                     and f'"format": "{MANIFEST_FORMAT}"' in _first_line(p)),
+    "list": Kind("a training list", _is_list),
+    "list summary": Kind("a training list's summary (LIST.txt.json)",
+                         lambda p: {"list", "identities", "names"} <= set(_json_object(p))),
+    "result": Kind("an evaluation result", lambda p: {"benchmark", "folds"} <= set(_json_object(p))),
+    "scores": Kind("a pair scores CSV", lambda p: _first_line(p) == ",".join(SCORES_COLUMNS)),
+    "identities": Kind("an identify CSV", lambda p: _first_line(p) == ",".join(IDENTITY_COLUMNS)),
+    "features": Kind("a features file", lambda p: {"names.npy", "features.npy"} <= _zip_members(p)),
+    "gallery cache": Kind("a gallery cache", lambda p: {"model.npy", "paths.npy"} <= _zip_members(p)),
+    "image cache": Kind("a decoded-image cache", lambda p: _is_image_cache(p)),
+    "cache key": Kind("an image cache's key file",
+                      lambda p: _json_object(p).get("format") == "spherecli.cache"),
+    "input spec": Kind("an input spec", lambda p: _json_object(p).get("format") == "spherecli.input"),
+    "png": Kind("a PNG picture", lambda p: p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", (".png",)),
+    "image": Kind("an image", lambda p: is_image_name(p.name), IMAGE_EXTENSIONS),
+    "video": Kind("a video", lambda p: p.suffix.lower() in VIDEO_EXTENSIONS, VIDEO_EXTENSIONS),
+    "run file": Kind("a training run's file", lambda p: _is_run_config(p.parent / "config.toml")),
+    "model": Kind("a model file"),
+    "export": Kind("an exported network", None, EXPORT_SUFFIXES),
+}
+
+
+def is_kind(path: str | Path, kind: str) -> bool:
+    """Whether the existing file at path is an output of this kind."""
+    test = KINDS[kind].test
+    try:
+        return test is not None and bool(test(Path(path)))
+    except OSError:
+        return False
+
+
 # --------------------------------------------------------------------------- image cache
 
 def cache_key(items) -> str:
@@ -623,11 +703,16 @@ def cache_key(items) -> str:
     return h.hexdigest()
 
 
+def cache_key_path(path: str | Path) -> Path:
+    """The key file of a decoded-image cache: PATH.json beside it."""
+    return Path(str(path) + ".json")
+
+
 def cache_matches(path: str | Path, key: str) -> bool:
     """A cache file (`.npy` of uint8 (N, 3, H, W)) is used only with its key file beside it,
     PATH.json, naming the same list; it is written last, so a half-made cache never counts."""
     try:
-        return json.loads(Path(str(path) + ".json").read_text())["list_sha1"] == key and Path(path).is_file()
+        return json.loads(cache_key_path(path).read_text())["list_sha1"] == key and Path(path).is_file()
     except (OSError, ValueError, KeyError):
         return False
 
@@ -635,6 +720,4 @@ def cache_matches(path: str | Path, key: str) -> bool:
 def write_cache_key(path: str | Path, key: str, images: int, size) -> None:
     meta = {"format": "spherecli.cache", "version": 1, "list_sha1": key, "images": images,
             "size": [int(v) for v in size]}
-    tmp = Path(str(path) + ".json.tmp")
-    tmp.write_text(json.dumps(meta) + "\n")
-    os.replace(tmp, str(path) + ".json")
+    write_text_atomic(cache_key_path(path), json.dumps(meta) + "\n")

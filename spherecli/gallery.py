@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from spherecli import UserError
+from spherecli import UserError, excerpt
 from spherecli.calibration import Calibration
+from spherecli.formats import write_npz
 from spherecli.images import describe_error, walk_images
+from spherecli.outputs import Outputs
 from spherecli.recognize import FaceEmbedder
 
 
@@ -39,19 +42,20 @@ def gallery(embedder: FaceEmbedder, root: str | Path, model: str | Path, *,
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"gallery {root}: no such directory")
-    cache = Path(cache) if cache else root / ".sphereface-gallery.npz"
+    with Outputs([root, model]) as outputs:
+        cache = outputs.file(cache or root / ".sphereface-gallery.npz", "gallery cache")
     key = _model_key(model, embedder)
-    known = {}
-    if cache.is_file():
-        with np.load(cache) as c:
-            if str(c["model"]) == key:
-                known = {(str(p), str(k)): f for p, k, f in zip(c["paths"], c["keys"], c["features"])}
-    people, paths, keys, feats, notes = [], [], [], [], []
+    known, notes = _read_cache(cache, key)
+    people, paths, keys, feats = [], [], [], []
     for rel in walk_images(root):
         person = rel.split("/")[0] if "/" in rel else None
         if person is None:
             continue
-        k = _file_key(root / rel)
+        try:
+            k = _file_key(root / rel)
+        except OSError as e:
+            notes.append(f"{root / rel}: {describe_error(e)}")
+            continue
         if (rel, k) in known:
             f = known[(rel, k)]
         else:
@@ -70,17 +74,35 @@ def gallery(embedder: FaceEmbedder, root: str | Path, model: str | Path, *,
         raise UserError(f"gallery {root}: no face found in any person's folder (expected PERSON/photo.jpg)")
     feats = np.stack(feats)
     try:
-        np.savez(cache, model=key, paths=np.array(paths), keys=np.array(keys), features=feats)
-    except OSError:
-        notes.append(f"could not write the gallery cache {cache}")
+        write_npz(cache, model=key, paths=np.array(paths), keys=np.array(keys), features=feats)
+    except UserError as e:
+        notes.append(f"the gallery cache was not saved: {e}")
     return people, feats, notes
+
+
+def _read_cache(cache: Path, key: str) -> tuple[dict, list[str]]:
+    """The cached features of this model's gallery photos, by (path, file key); a cache made
+    with another model is ignored, one that cannot be read is ignored with a note (and
+    rebuilt), never trusted: no pickles (allow_pickle=False), every array checked."""
+    if not cache.is_file():
+        return {}, []
+    try:
+        with np.load(cache, allow_pickle=False) as c:
+            if str(c["model"]) != key:
+                return {}, []
+            paths, keys, feats = c["paths"], c["keys"], c["features"]
+            if feats.ndim != 2 or not len(paths) == len(keys) == len(feats) or feats.dtype.kind != "f":
+                raise ValueError("arrays of mismatched shapes")
+            return {(str(p), str(k)): f for p, k, f in zip(paths, keys, feats)}, []
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        return {}, [f"{cache}: not a readable gallery cache ({excerpt(e, 80)}); ignored and made again"]
 
 
 def templates(people: list[str], features: np.ndarray, calibration: Calibration):
     """One unit template per person: the mean of their photos' unit features."""
-    names = sorted(set(people))
-    unit = calibration.unit(features)
-    t = np.stack([unit[[p == n for p in people]].mean(axis=0) for n in names])
-    return names, t / np.linalg.norm(t, axis=1, keepdims=True)
+    names, owner = np.unique(np.asarray(people, dtype=str), return_inverse=True)
+    t = np.zeros((len(names), features.shape[1]))
+    np.add.at(t, owner, calibration.unit(features))
+    return [str(n) for n in names], t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
 
 

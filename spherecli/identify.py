@@ -10,25 +10,27 @@ import numpy as np
 
 from spherecli import UserError
 from spherecli.calibration import Calibration
-from spherecli.images import decode, describe_error, is_image_name, walk_images
+from spherecli.formats import IDENTITY_COLUMNS
+from spherecli.images import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, describe_error, encode, is_image_name,
+                              walk_images, write_atomic)
+from spherecli.outputs import Outputs
 from spherecli.recognize import FaceEmbedder
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+def _frames(embedder: FaceEmbedder, probe: Path, every: int):
+    """(source name, frame number or None, RGB image or the error reading it, its faces) for
+    a photo, a folder of photos or every `every`-th frame of a video; and how many to expect.
+    Photos go through the embedder's one path from file to faces (`FaceEmbedder.photo`)."""
+    def photo(path: Path, name: str):
+        try:
+            return (name, None, *embedder.photo(path))
+        except UserError as e:  # a bad probe file is reported, not fatal
+            return name, None, OSError(str(e).removeprefix(f"{path}: ")), []
 
-
-def _frames(probe: Path, every: int):
-    """(source name, frame number or None, RGB image or the error reading it) for a photo,
-    a folder of photos or every `every`-th frame of a video; and how many to expect."""
     if probe.is_dir():
         rels = list(walk_images(probe))
-
-        def photos():
-            for rel in rels:
-                try:
-                    yield rel, None, decode(probe / rel)[0]
-                except (OSError, ValueError) as e:  # a bad probe file is reported, not fatal
-                    yield rel, None, e
-        return photos(), len(rels)
+        if not rels:
+            raise UserError(f"{probe}: no photos ({', '.join(IMAGE_EXTENSIONS)}) under it")
+        return (photo(probe / rel, rel) for rel in rels), len(rels)
     if is_video(probe):
         video = cv2.VideoCapture(str(probe))
         if not video.isOpened():
@@ -41,12 +43,13 @@ def _frames(probe: Path, every: int):
                 if not ok:
                     break
                 if n % every == 0:
-                    yield probe.name, n, np.ascontiguousarray(bgr[:, :, ::-1])
+                    rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+                    yield probe.name, n, rgb, embedder.faces(rgb)
                 n += 1
             video.release()
         return frames(), -(-int(video.get(cv2.CAP_PROP_FRAME_COUNT)) // every) or None
     if probe.is_file() and is_image_name(probe.name):
-        return iter([(probe.name, None, decode(probe)[0])]), 1
+        return iter([photo(probe, probe.name)]), 1
     raise UserError(f"{probe}: not a photo, a folder or a video ({', '.join(VIDEO_EXTENSIONS)})")
 
 
@@ -99,60 +102,66 @@ def identify(embedder: FaceEmbedder, names: list[str], tmpl: np.ndarray, probe: 
     from tqdm import tqdm
 
     probe = Path(probe)
-    check_annotate(probe, annotate)
-    frames, total = _frames(probe, every)
-    writer = None
-    for source, frame, rgb in tqdm(frames, total=total, unit="frame" if is_video(probe) else "photo",
-                                   desc="identify", disable=not progress, dynamic_ncols=True):
-        empty = {"source": source, "frame": frame, "box": None, "score": None, "best_match": None}
-        if isinstance(rgb, Exception):
-            yield {**empty, "identity": "error", "error": describe_error(rgb)}
-            continue
-        faces = embedder.faces(rgb)
-        feats = calibration.unit(embedder.embed(embedder.crops(rgb, faces))) if faces else []
-        rows = []
-        for face, f in zip(faces, feats):
-            scores = tmpl @ f
-            best = int(np.argmax(scores))
-            score = float(scores[best])
-            rows.append({"source": source, "frame": frame, "box": face["box"],
-                         "identity": names[best] if score >= calibration.threshold else "unknown",
-                         "score": score, "best_match": names[best]})
-        yield from rows or [{**empty, "identity": "no_face"}]
-        if annotate:
-            picture = draw(rgb, rows)
-            if frame is None:
-                # A folder of probes gets a folder of pictures; one photo, a picture
-                # (or a folder, if annotate names no image file).
-                single = not probe.is_dir() and is_image_name(str(annotate))
-                target = Path(annotate) if single else Path(annotate) / source
-                target.parent.mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(target), picture)
-            else:
-                if writer is None:
-                    Path(annotate).parent.mkdir(parents=True, exist_ok=True)
-                    writer = cv2.VideoWriter(str(annotate), cv2.VideoWriter_fourcc(*"mp4v"),
-                                             video_rate(probe, every), (picture.shape[1], picture.shape[0]))
-                writer.write(picture)
-    if writer is not None:
-        writer.release()
+    with Outputs([probe]) as outputs:
+        annotate = annotation_target(outputs, probe, annotate)
+        frames, total = _frames(embedder, probe, every)
+        writer = None
+        try:
+            for source, frame, rgb, faces in tqdm(frames, total=total, desc="identify", disable=not progress,
+                                                  unit="frame" if is_video(probe) else "photo",
+                                                  dynamic_ncols=True):
+                empty = {"source": source, "frame": frame, "box": None, "score": None, "best_match": None}
+                if isinstance(rgb, Exception):
+                    yield {**empty, "identity": "error", "error": describe_error(rgb)}
+                    continue
+                feats = calibration.unit(embedder.embed(embedder.crops(rgb, faces))) if faces else []
+                rows = []
+                for face, f in zip(faces, feats):
+                    scores = tmpl @ f
+                    best = int(np.argmax(scores))
+                    score = float(scores[best])
+                    rows.append({"source": source, "frame": frame, "box": face["box"],
+                                 "identity": names[best] if score >= calibration.threshold else "unknown",
+                                 "score": score, "best_match": names[best]})
+                yield from rows or [{**empty, "identity": "no_face"}]
+                if annotate is None:
+                    continue
+                picture = draw(rgb, rows)
+                if frame is None:
+                    single = not probe.is_dir() and is_image_name(annotate.name)
+                    target = annotate if single else annotate / source
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    write_atomic(target, encode(picture, target.suffix))
+                else:
+                    if writer is None:
+                        size = (picture.shape[1], picture.shape[0])
+                        writer = cv2.VideoWriter(str(annotate), cv2.VideoWriter_fourcc(*"mp4v"),
+                                                 video_rate(probe, every), size)
+                    writer.write(picture)
+        finally:
+            if writer is not None:
+                writer.release()
 
 
-def check_annotate(probe: Path, annotate: str | Path | None) -> None:
-    if annotate and is_video(Path(probe)) and not is_video(Path(annotate)):
-        raise UserError(f"--annotate {annotate}: a video probe is drawn into a video file "
-                        f"({', '.join(VIDEO_EXTENSIONS)})")
-
-
-CSV_COLUMNS = ("source", "frame", "x1", "y1", "x2", "y2", "identity", "score", "best_match")
+def annotation_target(outputs: Outputs, probe: Path, annotate: str | Path | None) -> Path | None:
+    """Where the answers are drawn, checked: a video file for a video probe, an image file for
+    one photo, else a folder that gets the probes' relative names."""
+    if annotate is None:
+        return None
+    annotate = Path(annotate)
+    if is_video(probe):
+        return outputs.file(annotate, "video")
+    if not probe.is_dir() and is_image_name(annotate.name):
+        return outputs.file(annotate, "image")
+    return outputs.folder(annotate)
 
 
 def write_csv(rows, sink) -> list[str]:
-    """The rows as CSV (CSV_COLUMNS) into an open text file; returns the read errors met."""
+    """The rows as CSV (IDENTITY_COLUMNS) into an open text file; returns the read errors met."""
     import csv
 
     writer = csv.writer(sink)
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(IDENTITY_COLUMNS)
     errors = []
     for row in rows:
         if row.get("error"):

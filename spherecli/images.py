@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 EXIF_ORIENTATION = 0x0112
 
 # The largest image decoded: a 100-megapixel camera photo passes, a few-kilobyte
@@ -76,12 +77,16 @@ def _open(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise OSError("not a regular file")
     if st.st_size == 0:
         raise OSError("empty file (0 bytes)")
+    # Pillow's own pixel guard is lifted while the header is read, so that max_pixels (ours,
+    # checked below before any pixel is decoded) is the one limit, and put back after.
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
+            Image.MAX_IMAGE_PIXELS = None
             im = Image.open(path)
-        except Image.DecompressionBombError as e:
-            raise OSError(f"image too large to decode safely ({e})") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_limit
     w, h = im.size
     if max_pixels and w * h > max_pixels:
         im.close()
@@ -113,6 +118,15 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+def fit_side(rgb: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
+    """An image no longer than max_side on its long side (area-averaged down), and the factor."""
+    if not max_side or max(rgb.shape[:2]) <= max_side:
+        return rgb, 1.0
+    s = max_side / max(rgb.shape[:2])
+    size = (max(1, round(rgb.shape[1] * s)), max(1, round(rgb.shape[0] * s)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), size[0] / rgb.shape[1]
+
+
 def decode(path: str | Path, exif: bool = True, max_side: int | None = None, max_pixels: int = MAX_PIXELS):
     """Decode an image file to an RGB uint8 array (H, W, 3).
 
@@ -134,13 +148,8 @@ def decode(path: str | Path, exif: bool = True, max_side: int | None = None, max
             if orientation in (5, 6, 7, 8):
                 full_w, full_h = full_h, full_w
         rgb = _to_rgb_array(im)
-    scale = 1.0
-    if max_side and max(rgb.shape[:2]) > max_side:
-        s = max_side / max(rgb.shape[:2])
-        size = (max(1, round(rgb.shape[1] * s)), max(1, round(rgb.shape[0] * s)))
-        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-    if rgb.shape[1] != full_w:
-        scale = rgb.shape[1] / full_w
+    rgb, _ = fit_side(rgb, max_side)
+    scale = rgb.shape[1] / full_w if rgb.shape[1] != full_w else 1.0
     return np.ascontiguousarray(rgb), {"orientation": orientation, "scale": scale,
                                        "width": full_w, "height": full_h}
 
@@ -158,6 +167,8 @@ def write_atomic(path: str | Path, data: bytes) -> None:
 def encode(bgr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
     ext = suffix.lower() if suffix.lower() in IMAGE_EXTENSIONS else ".jpg"
     params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if ext in (".jpg", ".jpeg") else []
+    if ext == ".pgm":  # a grey format: its photos decode to three equal channels
+        bgr = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
     ok, buf = cv2.imencode(ext, bgr, params)
     if not ok:
         raise OSError(f"could not encode {ext}")

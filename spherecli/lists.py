@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from spherecli import UserError
-from spherecli.formats import write_list
+from spherecli.formats import summary_path, write_list, write_text_atomic
 from spherecli.images import identity_of, walk_images
+from spherecli.outputs import Outputs
 
 # CASIA-WebFace identities that are also in LFW; the original drops them so
 # that LFW stays unseen.
@@ -46,25 +47,38 @@ def build_list(aligned_dirs: list[str | Path], output: str | Path | None = None,
     is set, in which case they are relative to the list file's folder,
     where `train` resolves them.
     """
-    output = Path(output or str(aligned_dirs[0]).rstrip("/") + ".txt").resolve()
-    per_identity: dict[str, list[str]] = {}
-    excluded = set()
+    output = Path(output or str(aligned_dirs[0]).rstrip("/") + ".txt")
     for directory in aligned_dirs:
-        directory = Path(directory)
-        if not directory.is_dir():
+        if not Path(directory).is_dir():
             raise UserError(f"{directory}: no such directory")
+    with Outputs(aligned_dirs) as outputs:
+        outputs.file(output, "list")
+        summary_file = outputs.file(summary_path(output), "list summary")
+        return _build(aligned_dirs, Path(os.path.abspath(output)), summary_file, exclude, min_images,
+                      relative)
+
+
+def _build(aligned_dirs, output: Path, summary_file: Path, exclude, min_images, relative) -> dict:
+    per_identity: dict[str, list[str]] = {}
+    excluded, unreadable = set(), 0
+    for directory in aligned_dirs:
         for rel in walk_images(directory):
             if "\n" in rel or "\r" in rel:
-                raise UserError(f"{directory / rel!r}: a file name with a line break cannot be a line "
-                                "of the list; rename it")
+                raise UserError(f"{str(Path(directory) / rel)!r}: a file name with a line break cannot be "
+                                "a line of the list; rename it")
             identity = identity_of(rel)
             if identity in exclude:
                 excluded.add(identity)
             if identity is None or identity in exclude:
                 continue
-            path = (directory / rel).resolve()
+            # Links keep their own names (abspath, not resolve): a link is listed as what it
+            # is called, and one that leads nowhere is not listed.
+            path = os.path.abspath(os.path.join(directory, rel))
+            if not os.path.isfile(path):
+                unreadable += 1
+                continue
             per_identity.setdefault(identity, []).append(
-                os.path.relpath(path, output.parent) if relative else str(path))
+                os.path.relpath(path, output.parent) if relative else path)
     kept = {k: v for k, v in per_identity.items() if len(v) >= min_images}
     if not kept:
         raise UserError(f"no identity folder with at least {min_images} images under "
@@ -78,10 +92,9 @@ def build_list(aligned_dirs: list[str | Path], output: str | Path | None = None,
     summary = {"list": str(output), "identities": len(names), "images": int(sizes.sum()),
                "per_identity_min": int(sizes.min()), "per_identity_median": float(np.median(sizes)),
                "per_identity_max": int(sizes.max()),
-               "dropped_identities": len(per_identity) - len(kept),
+               "dropped_identities": len(per_identity) - len(kept), "not_files": unreadable,
                "excluded": sorted(excluded),
                "exclusions_not_found": sorted(set(exclude) - excluded),
                "names": names}
-    Path(str(output) + ".json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
+    write_text_atomic(summary_file, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     return summary

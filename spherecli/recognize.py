@@ -12,10 +12,11 @@ from spherecli import UserError
 from spherecli.align import align_face
 from spherecli.calibration import Calibration
 from spherecli.data import load_face, to_chw
-from spherecli.detect import DetectSettings, FaceDetector, select_face
+from spherecli.config import DetectSettings
+from spherecli.detect import FaceDetector, scale_face, select_face
 from spherecli.devices import resolve_device
 from spherecli.features import embed, feature_width, load_network
-from spherecli.images import decode, describe_error, walk_images
+from spherecli.images import IMAGE_EXTENSIONS, decode, describe_error, fit_side, walk_images
 
 
 class FaceEmbedder:
@@ -23,8 +24,13 @@ class FaceEmbedder:
 
     def __init__(self, model: str | Path, *, device: str = "cpu", flip: str = "concat",
                  settings: DetectSettings | None = None, batch_size: int = 64,
-                 input_spec: str | None = None):
-        self.net = load_network(model, device=device, input_spec=input_spec)
+                 input_spec: str | None = None, threads: int | None = None):
+        """threads: the CPU threads to compute with, torch's for this whole process and
+        onnxruntime's (None: as they are). One is the measured best for a face at a time on
+        two cores, idle or not (docs/benchmarks.md, "verify and identify")."""
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.net = load_network(model, device=device, input_spec=input_spec, threads=threads or 0)
         self.device = resolve_device(device)
         self.flip, self.batch_size = flip, batch_size
         self.settings = settings or DetectSettings()
@@ -37,7 +43,21 @@ class FaceEmbedder:
         return self._detector
 
     def faces(self, rgb: np.ndarray) -> list[dict]:
-        return self.detector.detect_one(rgb)
+        """The faces of an RGB image as `detect` finds them: downscaled to the settings'
+        max_side for detection, faces in the image's own coordinates."""
+        small, scale = fit_side(rgb, self.settings.max_side)
+        return [scale_face(f, scale) for f in self.detector.detect_one(small)]
+
+    def photo(self, path: str | Path) -> tuple[np.ndarray, list[dict]]:
+        """A photo file and its faces, exactly as `detect` and `align` see it: EXIF
+        orientation applied, detected at most max_side pixels long, the faces in the
+        photo's full-size coordinates, which `align` crops from."""
+        try:
+            small, info = decode(path, exif=self.settings.exif, max_side=self.settings.max_side)
+            rgb = small if info["scale"] == 1.0 else decode(path, exif=self.settings.exif)[0]
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: {describe_error(e)}") from None
+        return rgb, [scale_face(f, info["scale"]) for f in self.detector.detect_one(small)]
 
     def crops(self, rgb: np.ndarray, faces: list[dict]) -> list[np.ndarray]:
         """Aligned BGR crops, as `align` writes them and training reads them."""
@@ -49,23 +69,21 @@ class FaceEmbedder:
                for i in range(0, len(crops), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, feature_width(self.net, self.flip)))
 
-    def photo_face(self, path: str | Path, select: str = "center") -> tuple[np.ndarray, dict, str]:
-        """The feature of the one face of a photo, its face record, and a note.
-
-        No face is an error; several faces pick one by `select` and say so.
-        """
-        try:
-            rgb, _ = decode(path)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: {describe_error(e)}") from None
-        faces = self.faces(rgb)
+    def photo_crop(self, path: str | Path, select: str = "center") -> tuple[np.ndarray, dict, str]:
+        """The aligned crop of the one face of a photo (chosen by select among several, as
+        `detect` chooses), its face record, and a note; no face is an error."""
+        rgb, faces = self.photo(path)
         if not faces:
             raise UserError(f"{path}: no face found")
-        note = ""
-        if len(faces) > 1:
-            note = (f"{path}: {len(faces)} faces found; using the one chosen by --select {select}")
+        note = f"{path}: {len(faces)} faces found; using the one chosen by --select {select}" \
+            if len(faces) > 1 else ""
         face = faces[select_face(faces, rgb.shape[1], rgb.shape[0], select)]
-        return self.embed(self.crops(rgb, [face]))[0], face, note
+        return self.crops(rgb, [face])[0], face, note
+
+    def photo_face(self, path: str | Path, select: str = "center") -> tuple[np.ndarray, dict, str]:
+        """The feature of the one face of a photo, its face record, and a note."""
+        crop, face, note = self.photo_crop(path, select)
+        return self.embed([crop])[0], face, note
 
 
 def verify(embedder: FaceEmbedder, a: str | Path, b: str | Path, calibration: Calibration,
@@ -98,19 +116,16 @@ def embed_folder(embedder: FaceEmbedder, root: str | Path, *, aligned: bool = Fa
             names.extend(r for r, _ in batch)
             batch.clear()
 
+    if not rels:
+        raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
     for rel in tqdm(rels, unit="img", desc=desc, disable=not progress, dynamic_ncols=True):
         try:
-            if aligned:
-                crop = load_face(str(root / rel))
-            else:
-                rgb, _ = decode(root / rel)
-                faces = embedder.faces(rgb)
-                if not faces:
-                    notes.append(f"{rel}: no face found")
-                    continue
-                crop = embedder.crops(rgb, [faces[select_face(faces, rgb.shape[1], rgb.shape[0], select)]])[0]
+            crop = load_face(str(root / rel)) if aligned else embedder.photo_crop(root / rel, select)[0]
         except OSError as e:
             notes.append(f"{rel}: {describe_error(e)}")
+            continue
+        except UserError as e:
+            notes.append(str(e))
             continue
         batch.append((rel, crop))
         if len(batch) == embedder.batch_size:

@@ -17,7 +17,6 @@ import os
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,10 +31,11 @@ from spherecli.config import TrainConfig, to_toml
 from spherecli.data import EpochBatches, batches, check_images, load_face
 from spherecli.features import prepare
 from spherecli.devices import check_gpus, resolve_device
-from spherecli.formats import (Checkpoint, ImageList, InputSpec, JsonlAppender, ModelFile, RunFolder, locked,
-                               read_list, writable)
+from spherecli.formats import (Checkpoint, ImageList, InputSpec, JsonlAppender, ModelFile, RunFolder,
+                               cache_key_path, read_list)
 from spherecli.losses import create_head
 from spherecli.models import autocast_dtype, create_model
+from spherecli.outputs import Outputs, locked
 from spherecli.parallel import cpu_count
 
 
@@ -144,9 +144,14 @@ class Trainer:
                           self.optimizer.state_dict(), self.scaler.state_dict(), self.iteration, rng)
 
     def load_state_dict(self, state: Checkpoint) -> None:
-        self.trainee.backbone.load_state_dict(state.model.weights)
-        self.trainee.head.load_state_dict(state.head)
-        self.optimizer.load_state_dict(state.optimizer)
+        try:
+            self.trainee.backbone.load_state_dict(state.model.weights)
+            self.trainee.head.load_state_dict(state.head)
+            self.optimizer.load_state_dict(state.optimizer)
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"{self.folder.checkpoint}: the checkpoint does not fit {self.cfg.arch} + "
+                            f"{self.cfg.head} on {self.num_classes} identities ({str(e).splitlines()[0]}); "
+                            "resume with the run's own settings, or train into another --out") from None
         self.scaler.load_state_dict(state.scaler)
         torch.set_rng_state(state.rng["torch"])
         if self.device.type == "cuda" and state.rng["cuda"]:
@@ -399,10 +404,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if folder.checkpoint.exists() and not resume:
         raise UserError(f"{folder.path} already holds a run; add --resume to continue it, "
                         "or choose another --out")
-    if rank == 0:
-        writable(folder.log)
-    with (locked(folder.path / "train", "training run") if rank == 0 else nullcontext()):
+    if rank > 0:
         return _train(cfg, folder, resume, progress, rank, world, device)
+    with Outputs([cfg.list, cfg.init_from, cfg.root]) as outputs:
+        outputs.folder(folder.path)
+        for path in (folder.config, folder.log, folder.checkpoint, folder.model):
+            outputs.file(path, "run file")
+        if cfg.cache_file:
+            outputs.file(cfg.cache_file, "image cache")
+            outputs.file(cache_key_path(cfg.cache_file), "cache key")
+        with locked(folder.path / "train", "training run"):
+            return _train(cfg, folder, resume, progress, rank, world, device)
 
 
 def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, progress: bool, rank: int, world: int,
@@ -446,8 +458,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, progress: bool, ra
         shared = bool(cfg.cache_file) and world > 1
         if shared and rank > 0:
             dist.barrier()
-        data = batches(trainer.items, sampler, cfg.workers, cfg.cache, pin=device.type == "cuda",
-                       cache_file=cfg.cache_file, build=rank == 0)
+        data = batches(trainer.items, trainer.spec.size, sampler, cfg.workers, cfg.cache,
+                       pin=device.type == "cuda", cache_file=cfg.cache_file, build=rank == 0)
         if shared and rank == 0:
             dist.barrier()
     interrupted = []

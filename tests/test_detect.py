@@ -198,7 +198,7 @@ def test_strict_missing_root_and_unwritable_output_exit_2(data, tmp_path):
                                      "-q", "--workers", "1"], capture_output=True, text=True)
     assert r.returncode == 2 and "--strict" in r.stderr
     r = subprocess.run(SPHEREFACE + ["detect", str(tmp_path / "nowhere")], capture_output=True, text=True)
-    assert r.returncode == 2 and "nowhere: no such directory" in r.stderr
+    assert r.returncode == 2 and "nowhere' does not exist" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -4,6 +4,7 @@ fix, exit status 2, and no file that was there changed. Needs no outside data.""
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -40,9 +41,10 @@ def work(tmp_path_factory) -> Path:
                 cv2.imwrite(str(root / person / f"{person}_{i:04d}.jpg"), img)
             (aligned / person / name).unlink()
     people = sorted(os.listdir(aligned))
-    pairs = [f"{p} 1 2" for p in people[:2]] + [f"{people[2]} 1 {people[3]} 1",
-                                                 f"{people[0]} 3 {people[1]} 3"]
-    (w / "pairs.txt").write_text("1\t2\n" + "\n".join(pairs) + "\n")
+    # Two folds of one same and one different pair: the fewest the protocol can score.
+    pairs = [f"{people[0]} 1 2", f"{people[2]} 1 {people[3]} 1", f"{people[1]} 1 2",
+             f"{people[0]} 3 {people[1]} 3"]
+    (w / "pairs.txt").write_text("2\t1\n" + "\n".join(pairs) + "\n")
     (w / "empty.pt").write_bytes(b"")
     (w / "photo.pt").write_bytes((raw / people[0] / f"{people[0]}_0001.jpg").read_bytes())
     (w / "text.pt").write_text("not a model\n")
@@ -51,6 +53,11 @@ def work(tmp_path_factory) -> Path:
     (w / "batch.toml").write_text("batch_size = 16.5\n")
     (w / "typo.toml").write_text("batch-size = 16\n")
     (w / "nobody").mkdir()
+    (w / "latin1.toml").write_bytes("# r\xe9glages\nbatch_size = 16\n".encode("latin-1"))
+    (w / "onefold.txt").write_text("1\t2\n" + "\n".join(pairs) + "\n")
+    crops = sorted(str(p) for p in aligned.rglob("*.jpg"))
+    photos = sorted(raw.rglob("*.jpg"))
+    (w / "rawlist.txt").write_text(f"{crops[0]} 0\n" + "".join(f"{p} 1\n" for p in photos))
     (w / "list.txt").write_text("".join(f"{aligned / p / f'{p}_0001.jpg'} {i}\n"
                                         for i, p in enumerate(people)))
     (w / "far.txt").write_text("".join(f"{aligned / p / f'{p}_0001.jpg'} {i * 1000}\n"
@@ -60,6 +67,8 @@ def work(tmp_path_factory) -> Path:
     image = {"type": "image", "path": "p/a.jpg", "status": "ok", "width": 100, "height": 100,
              "landmarks": [[30, 40], [70, 40], [50, 60], [35, 80], [65, 80]]}
     (w / "gone.jsonl").write_text(json.dumps(manifest) + "\n" + json.dumps(image) + "\n")
+    (w / "raw.jsonl").write_text(json.dumps({**manifest, "root": str(raw)}) + "\n" + json.dumps(
+        {**image, "path": f"{people[0]}/{people[0]}_0001.jpg"}) + "\n")
     (w / "run" / "x").mkdir(parents=True)
     (w / "run" / "x" / "log.jsonl").write_text(json.dumps({"iter": 5, "loss": 2.0, "acc": 0.1, "lr": 0.1,
                                                            "feature_norm": 1.0, "images_per_s": 9.0,
@@ -100,8 +109,10 @@ MISTAKES = [
     ("verify {w}/notimg.jpg {w}/notimg.jpg --model {w}/m.pt", "notimg.jpg: not a recognisable image"),
     # reports and recipes
     ("report {w}/run/x --key foo", "its log has no 'foo'"),
-    ("train --list {w}/list.txt --out {w}/out/r --batch-size 0 -q", "batch_size must be above 0"),
-    ("train --list {w}/list.txt --out {w}/out/r --lr-steps 10,abc -q", "lr_steps: expected iterations"),
+    ("train --list {w}/list.txt --out {w}/out/r --batch-size 0 -q",
+     "'--batch-size': expected a whole number at least 1"),
+    ("train --list {w}/list.txt --out {w}/out/r --lr-steps 10,abc -q",
+     "'--lr-steps': expected a number at least 0"),
     ("train --list {w}/list.txt --out {w}/out/r --config {w}/batch.toml -q",
      "batch.toml: batch_size: expected a whole number, got 16.5"),
     ("train --list {w}/list.txt --out {w}/out/r --config {w}/typo.toml -q", "did you mean batch_size?"),
@@ -109,9 +120,48 @@ MISTAKES = [
      "the cosface head does not take lambda_hold"),
     ("train --list {w}/far.txt --out {w}/out/r -q", "label 3000 is far above the other labels"),
     # outputs that would replace something
-    ("export {w}/m.pt -o {w}/m.pt --overwrite", "is the input itself"),
-    ("export {w}/m.pt -o {w}/existing.onnx", "existing.onnx exists; add --overwrite"),
-    ("import {w}/m.pt -o {w}/existing.onnx", "existing.onnx exists; add --overwrite"),
+    ("export {w}/m.pt -o {w}/m.pt --overwrite", "an exported network is written to a file named .onnx"),
+    ("import {w}/m.pt -o {w}/m.pt --overwrite", "is an input of this command"),
+    ("export {w}/m.pt -o {w}/existing.onnx", "existing.onnx exists; it is left as it is (add --overwrite"),
+    ("import {w}/m.pt -o {w}/existing.onnx", "existing.onnx exists; it is left as it is (add --overwrite"),
+    # outputs of the wrong kind, onto inputs, or where they cannot be read back
+    ("evaluate --pairs {w}/pairs.txt --model {w}/m.pt --data {w}/aligned --roc {w}/m.pt -q",
+     "a PNG picture is written to a file named .png"),
+    ("evaluate --pairs {w}/pairs.txt --model {w}/m.pt --data {w}/aligned -o {w}/m.pt -q",
+     "m.pt is an input of this command"),
+    ("evaluate --pairs {w}/pairs.txt --model {w}/m.pt --data {w}/aligned --scores {w}/pairs.txt -q",
+     "pairs.txt is an input of this command"),
+    ("report {w}/run/x --plot {w}/m.pt", "a PNG picture is written to a file named .png"),
+    ("export {w}/m.pt -o {w}/out/x.pt",
+     "an exported network is written to a file named .onnx or .pt2 or .ts"),
+    ("list {w}/aligned -o {w}/m.pt", "m.pt exists and is not a training list"),
+    ("list {w}/aligned -o {w}/gone.jsonl", "gone.jsonl exists and is not a training list"),
+    ("embed {w}/aligned --aligned --model {w}/m.pt -o {w}/m.pt -q", "m.pt is an input of this command"),
+    ("train --list {w}/list.txt --out {w}/out/c --cache-file {w}/list.txt -q", "list.txt is an input"),
+    ("train --list {w}/list.txt --out {w}/out/c --cache-file {w}/m.pt -q",
+     "m.pt exists and is not a decoded-image cache"),
+    ("align {w}/raw.jsonl -o {w}/raw -q", "raw is the input folder"),
+    # values out of range, or that contradict each other
+    ("train --list {w}/list.txt --out {w}/out/r --feature-dim -4 -q",
+     "'--feature-dim': expected a whole number at least 1"),
+    ("detect {w}/raw --factor 1.0 -o {w}/out/m.jsonl -q",
+     "'--factor': expected a number above 0 and below 1"),
+    ("detect {w}/raw --thresholds 2,2,2 -o {w}/out/m.jsonl -q", "'--thresholds': expected a number at least"),
+    ("verify {w}/notimg.jpg {w}/notimg.jpg --model {w}/m.pt --far 2", "'--far': expected a number above 0"),
+    ("verify {w}/notimg.jpg {w}/notimg.jpg --model {w}/m.pt --threshold nan", "'--threshold': expected"),
+    ("verify {w}/notimg.jpg {w}/notimg.jpg --model {w}/m.pt --far 1e-3 --threshold 0.3",
+     "give --far (a threshold chosen by false-accept rate) or --threshold, not both"),
+    ("align {w}/gone.jsonl -o {w}/out/a --size 20000x20000 -q",
+     "crop size 20000x20000: expected a whole number"),
+    ("evaluate --pairs {w}/onefold.txt --model {w}/m.pt --data {w}/aligned --workers 0 -q",
+     "the protocol chooses each fold's threshold on the other folds, so it needs at least 2"),
+    ("evaluate --benchmarks {w}/batch.toml --model {w}/m.pt --data {w}/aligned -q",
+     "--data cannot go with it"),
+    # inputs that are not what they should be
+    ("train --list {w}/rawlist.txt --out {w}/out/r --device cpu --workers 0 --batch-size 2 -q",
+     "a 150x150 image where 112x96 aligned face crops are expected"),
+    ("train --list {w}/list.txt --out {w}/out/r --config {w}/latin1.toml -q", "latin1.toml: not a text file"),
+    ("embed {w}/nobody --model {w}/m.pt -o {w}/out/none/f.npz -q", "nobody: no images"),
     # stages given the wrong thing
     ("align {w}/raw/{first} -o {w}/out/a -q", "is a photo; align reads the landmarks"),
     ("align {w}/gone.jsonl -o {w}/out/a -q", "none of the 1 images could be aligned"),
@@ -142,6 +192,7 @@ def test_mistake_is_one_clear_line(work, command, message):
     assert message in lines[0], lines[0]
     after = snapshot(work)
     assert {p: h for p, h in after.items() if p in before} == before, "an existing file changed"
+    assert not (work / "out" / "none").exists(), "a failed call left the folder it made for its output"
 
 
 def test_evaluate_on_another_pair_list_keeps_the_calibration(work):
@@ -198,3 +249,100 @@ def test_two_processes_fail_like_one(work, tmp_path):
     assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr, r.stderr[-3000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "list.txt:5: image not found" in errors[0]
+
+
+def sphereface(*args, cwd=None):
+    return subprocess.run(SPHEREFACE + [str(a) for a in args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_a_resumed_run_keeps_its_network_and_resumes_from_any_folder(work, tmp_path):
+    """config.toml names the list by its absolute path, so --resume works from another
+    folder; options that would not fit the checkpoint are one error line, the run untouched."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "there").mkdir()
+    os.symlink(work / "list.txt", tmp_path / "here" / "list.txt")
+    common = ["--arch", "sphere4", "--device", "cpu", "--workers", "0", "--batch-size", "4", "--snapshot",
+              "2", "-q"]
+    r = sphereface("train", "--list", "list.txt", "--out", tmp_path / "run", "--max-iter", "2", *common,
+                   cwd=tmp_path / "here")
+    assert r.returncode == 0, r.stderr
+    before = snapshot(tmp_path / "run")
+    for change in (["--arch", "sphere10"], ["--list", work / "rawlist.txt"]):
+        r = sphereface("train", "--out", tmp_path / "run", "--resume", *change, "-q", cwd=tmp_path / "there")
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and "holds a run trained with other settings" in lines[0]
+        assert snapshot(tmp_path / "run") == before
+    r = sphereface("train", "--out", tmp_path / "run", "--resume", "--max-iter", "4", "-q",
+                   cwd=tmp_path / "there")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["iter"] == 4
+
+
+def test_a_grey_pgm_face_is_aligned(tmp_path):
+    """A .pgm photo's crop keeps its name: it is written grey, which is what it was."""
+    face = cv2.resize(cv2.imread(str(write_synthetic_faces(tmp_path / "s", 1, 1) / "person00" / "000.jpg")),
+                      (200, 200))
+    (tmp_path / "p" / "x").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "p" / "x" / "a.pgm"), cv2.cvtColor(face, cv2.COLOR_BGR2GRAY))
+    (tmp_path / "marks.txt").write_text("x/a.pgm 70 90 130 90 100 120 75 150 125 150\n")
+    r = sphereface("align", tmp_path / "marks.txt", "--root", tmp_path / "p", "-o", tmp_path / "crops", "-q")
+    assert r.returncode == 0 and "could not encode" not in r.stderr, r.stderr
+    crop = cv2.imread(str(tmp_path / "crops" / "x" / "a.pgm"), cv2.IMREAD_UNCHANGED)
+    assert crop.shape == (112, 96)
+
+
+def test_a_list_names_links_as_they_are_and_leaves_out_dangling_ones(work, tmp_path):
+    from spherecli.lists import build_list
+
+    root = tmp_path / "aligned"
+    shutil.copytree(work / "aligned", root)
+    person = sorted(os.listdir(root))[0]
+    target = sorted((root / person).iterdir())[0]
+    os.symlink(target, root / person / "link.jpg")
+    os.symlink(tmp_path / "nowhere.jpg", root / person / "dangling.jpg")
+    summary = build_list([root], tmp_path / "list.txt")
+    paths = [line.rsplit(" ", 1)[0] for line in (tmp_path / "list.txt").read_text().splitlines()]
+    assert str(root / person / "link.jpg") in paths and not any("dangling" in p for p in paths)
+    assert summary["not_files"] == 1
+    assert json.loads((tmp_path / "list.txt.json").read_text())["images"] == len(paths)
+
+
+def test_a_false_accept_rate_the_calibration_set_cannot_resolve_is_said(tmp_path):
+    from spherecli.calibration import Calibration
+
+    (tmp_path / "m.lfw.json").write_text(json.dumps({"calibration": {
+        "mean": None, "threshold": 0.3, "flip": "concat", "impostors": sorted(range(100))}}))
+    (tmp_path / "m.pt").write_bytes(b"")
+    cal = Calibration.load(tmp_path / "m.pt", far=1e-3)
+    assert cal.far_of(cal.threshold) == 0
+    assert any("100 impostor pairs, too few to resolve" in n and "1,000" in n for n in cal.notes), cal.notes
+    assert not Calibration.load(tmp_path / "m.pt", far=0.1).notes
+
+
+def test_the_pixel_limit_is_ours_above_pillows(tmp_path):
+    """A header of 20000 x 10000 (200 megapixels, above Pillow's own 179): refused by the
+    limit given, quoting it, not Pillow's number."""
+    import struct
+    import zlib
+
+    from spherecli.images import decode
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0))
+    body = chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    (tmp_path / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + body)
+    with pytest.raises(OSError, match="over the limit of 150"):
+        decode(tmp_path / "big.png", max_pixels=150_000_000)
+    with pytest.raises(OSError) as raised:
+        decode(tmp_path / "big.png", max_pixels=300_000_000)
+    assert "178956970" not in str(raised.value)
+
+
+def test_embed_writes_the_file_it_names(work, tmp_path):
+    r = sphereface("embed", work / "aligned", "--aligned", "--model", work / "m.pt", "-o",
+                   tmp_path / "features.bin", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "features.bin").is_file() and not (tmp_path / "features.bin.npz").exists()
+    assert str(tmp_path / "features.bin") in r.stderr

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from spherecli import UserError
-from spherecli.config import TrainConfig
+from spherecli.config import DetectSettings, TrainConfig
 from spherecli.detect import detect_tree
 from spherecli.export import export
 from spherecli.formats import read_manifest
@@ -83,7 +83,7 @@ def test_identify_photos_one_row_per_detected_face(model, wild_split, tmp_path):
     assert (wild_split / "gallery" / ".sphereface-gallery.npz").exists()
 
     class Blind(FaceEmbedder):
-        def faces(self, rgb):
+        def photo(self, path):
             raise AssertionError("the cache should have answered")
 
     people, feats, notes = gallery(Blind(model), wild_split / "gallery", model)
@@ -111,7 +111,7 @@ def test_identify_a_video(model, wild_split, tmp_path):
     r = subprocess.run(SPHEREFACE + ["identify", "--gallery", str(wild_split / "gallery"), "--probe",
                                      str(video), "--model", str(model), "--annotate",
                                      str(tmp_path / "folder")], capture_output=True, text=True)
-    assert r.returncode == 2 and "a video probe is drawn into a video file" in r.stderr
+    assert r.returncode == 2 and "a video is written to a file named .mp4" in r.stderr
 
 
 def test_verify_same_and_different_people(model, data, tmp_path):
@@ -206,3 +206,50 @@ def test_threshold_by_false_accept_rate(tmp_path):
     path.write_text(json.dumps({"calibration": {"mean": None, "threshold": 0.3, "flip": "concat"}}))
     with pytest.raises(UserError, match="run `sphereface evaluate` again"):
         Calibration.load(tmp_path / "m.pt", far=1e-3)
+
+
+def test_a_gallery_cache_that_cannot_be_read_is_made_again_and_a_dangling_link_is_noted(model, wild_split,
+                                                                                       tmp_path):
+    import shutil
+
+    root = tmp_path / "gallery"
+    shutil.copytree(wild_split / "gallery", root)
+    (root / ".sphereface-gallery.npz").unlink(missing_ok=True)
+    people = sorted(p.name for p in root.iterdir() if p.is_dir())[:3]
+    for person in sorted(p.name for p in root.iterdir() if p.is_dir())[3:]:
+        shutil.rmtree(root / person)
+    (root / people[0] / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    # Object arrays would unpickle: a cache that holds them is refused, never loaded.
+    np.savez(root / ".sphereface-gallery.npz", model=np.array([{"a": 1}], dtype=object),
+             paths=np.array(["x"], dtype=object))
+    emb = FaceEmbedder(model)
+    found, feats, notes = gallery(emb, root, model)
+    assert sorted(set(found)) == people and len(feats) == 3
+    assert any("not a readable gallery cache" in n and "made again" in n for n in notes), notes
+    assert any("gone.jpg" in n for n in notes), notes
+    again, _, notes = gallery(emb, root, model)
+    assert again == found and not [n for n in notes if "gallery cache" in n]
+    # A file of the user's where the cache would go is left alone.
+    (tmp_path / "mine.npz").write_bytes(b"my own bytes")
+    with pytest.raises(UserError, match="exists and is not a gallery cache"):
+        gallery(emb, root, model, cache=tmp_path / "mine.npz")
+    assert (tmp_path / "mine.npz").read_bytes() == b"my own bytes"
+
+
+def test_a_photo_is_detected_as_detect_does_large_ones_downscaled(model, data, tmp_path):
+    """The one path from photo to faces: a photo over detect's max_side gets the faces,
+    in its own coordinates, that `detect` writes into the manifest."""
+    photo = sorted((data / "wild" / "7212").iterdir())[0]
+    big = tmp_path / "big" / "p" / "big.jpg"
+    big.parent.mkdir(parents=True)
+    img = cv2.imread(str(photo))
+    cv2.imwrite(str(big), cv2.resize(img, (img.shape[1] * 7, img.shape[0] * 7),
+                                     interpolation=cv2.INTER_CUBIC))
+    rgb, faces = FaceEmbedder(model).photo(big)
+    assert max(rgb.shape[:2]) > 2000 and faces
+    detect_tree(tmp_path / "big", tmp_path / "m.jsonl", settings=DetectSettings(all_faces=True),
+                progress=False)
+    _, records = read_manifest(tmp_path / "m.jsonl")
+    (record,) = list(records)
+    assert record["scale"] < 1
+    assert np.allclose([f["landmarks"] for f in faces], [f["landmarks"] for f in record["all"]])

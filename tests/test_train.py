@@ -193,7 +193,10 @@ def test_head_settings_belong_to_the_head(tmp_path):
     ('lr_steps = "abc"\n', "lr_steps: expected iterations"),
     ('cache = "false"\n', "cache: expected true or false"),
     ("batch-size = 16\n", "unknown training option 'batch-size' \\(did you mean batch_size\\?\\)"),
-    ("batch_size = 0\n", "batch_size must be above 0"),
+    ("batch_size = 0\n", "batch_size: expected a whole number at least 1, got 0"),
+    ("lr = nan\n", "lr: expected a number above 0, got nan"),
+    ("feature_dim = -4\n", "feature_dim: expected a whole number at least 1"),
+    ("[head]\ntype = \"cosface\"\nscale = 0\n", "scale: expected a number above 0"),
     ("[head]\ntype = \"asoftmax\"\nmargn = 3\n", "unknown training option 'margn' \\(did you mean margin"),
 ])
 def test_bad_recipe_values_name_the_file(tmp_path, text, message):
@@ -209,7 +212,8 @@ def test_trainer_state_round_trip_continues_exactly(synthetic_list, tmp_path):
 
     def data(start):
         trainer_items = Trainer.build(cfg).items
-        return batches(trainer_items, EpochBatches(len(trainer_items), 16, start=start, stop=6), 0, True)
+        sampler = EpochBatches(len(trainer_items), 16, start=start, stop=6)
+        return batches(trainer_items, (112, 96), sampler, 0, True)
 
     a = Trainer.build(cfg)
     stream = data(0)
@@ -229,7 +233,8 @@ def test_trainer_run_stops_on_interrupt_with_a_checkpoint(synthetic_list, tmp_pa
     trainer = Trainer.build(cfg)
     sampler = EpochBatches(len(trainer.items), 16, stop=50)
     with pytest.raises(Interrupted, match="interrupted: iteration 7 is saved"):
-        trainer.run(batches(trainer.items, sampler, 0, True), interrupted=lambda: trainer.iteration >= 7)
+        trainer.run(batches(trainer.items, trainer.spec.size, sampler, 0, True),
+                    interrupted=lambda: trainer.iteration >= 7)
     assert Checkpoint.load(tmp_path / "i" / "checkpoint.pt").iteration == 7
 
 
@@ -302,17 +307,17 @@ def test_the_image_cache_file_gives_the_batches_of_the_jpegs(synthetic_list, tmp
 
     items = read_list(synthetic_list)
     sampler = EpochBatches(len(items), 16, seed=5, stop=12)
-    decoded = list(batches(items, sampler, 0, False))
-    cached = list(batches(items, sampler, 0, False, cache_file=tmp_path / "faces.npy"))
+    decoded = list(batches(items, (112, 96), sampler, 0, False))
+    cached = list(batches(items, (112, 96), sampler, 0, False, cache_file=tmp_path / "faces.npy"))
     assert len(decoded) == len(cached) == 12
     for (x, y), (cx, cy) in zip(decoded, cached):
         assert torch.equal(x, cx) and torch.equal(y, cy)
     made = (tmp_path / "faces.npy").stat().st_mtime_ns
-    CachedFaces.in_file(items, tmp_path / "faces.npy")
+    CachedFaces.in_file(items, (112, 96), tmp_path / "faces.npy")
     assert (tmp_path / "faces.npy").stat().st_mtime_ns == made, "a valid cache is reused"
     with pytest.raises(UserError, match="made from another list"):
-        CachedFaces.in_file(items[:-1], tmp_path / "faces.npy", build=False)
-    assert len(CachedFaces.in_file(items[:-1], tmp_path / "faces.npy").images) == len(items) - 1
+        CachedFaces.in_file(items[:-1], (112, 96), tmp_path / "faces.npy", build=False)
+    assert len(CachedFaces.in_file(items[:-1], (112, 96), tmp_path / "faces.npy").images) == len(items) - 1
     # Training from the cache file follows the curve of training from memory.
     a = launch(run_cfg(synthetic_list, tmp_path / "mem", amp="none", max_iter=10))
     b = launch(run_cfg(synthetic_list, tmp_path / "file", amp="none", max_iter=10, cache=False,
