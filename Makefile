@@ -74,8 +74,13 @@ endif
 # people known from one photo each, every other face named or called unknown.
 identify-demo: install
 	@test -f $(RUN)/model.pt || { echo "run 'make demo' first: it trains $(RUN)/model.pt"; exit 1; }
-	$(PY) examples/identify_wild.py --model $(RUN)/model.pt --wild $(DATA)/wild --annotate $(OUT)/identify
-	@echo "annotated photos: $(OUT)/identify/"
+	$(PY) examples/identify_wild.py --model $(RUN)/model.pt --wild $(DATA)/wild
+	rm -rf $(OUT)/identify-gallery
+	for p in $$(ls $(DATA)/wild | head -13); do mkdir -p $(OUT)/identify-gallery/$$p && \
+	  cp "$$(ls -d $(DATA)/wild/$$p/* | head -1)" $(OUT)/identify-gallery/$$p/; done
+	$(SF) identify --gallery $(OUT)/identify-gallery --probe $(DATA)/wild --model $(RUN)/model.pt \
+	  --annotate $(OUT)/identify -o $(OUT)/identify.csv -q
+	@echo "annotated photos: $(OUT)/identify/ (13 people known from one photo each; grey: unknown)"
 
 # --------------------------------------------------------------------------- a published model
 # A published model through the pipeline on the bundled LFW: imported (a Caffe

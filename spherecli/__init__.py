@@ -1,6 +1,29 @@
-"""spherecli: the SphereFace face-recognition pipeline as a command-line toolkit."""
+"""spherecli: the SphereFace face-recognition pipeline as a command-line toolkit and a Python API.
+
+    import spherecli
+    model = spherecli.load("model.pt")
+    print(model.verify("a.jpg", "b.jpg"))
+
+The API (spherecli/api.py: load, detect, align, evaluate, train, Model, ...) is imported
+on first use, so that `sphereface --help` and `import spherecli` stay free of torch.
+"""
 
 __version__ = "0.1.0"
+
+_API = ("DetectSettings", "Face", "Gallery", "Match", "Model", "TrainConfig", "Verification", "align",
+        "detect", "evaluate", "load", "train")
+
+
+def __getattr__(name):
+    if name in _API:
+        from spherecli import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'spherecli' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_API))
 
 
 class UserError(Exception):

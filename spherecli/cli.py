@@ -410,14 +410,12 @@ def evaluate(pairs, benchmarks_file, names, model, data, features, save_features
     console.print(f"wrote {result['output']}")
 
 
-def embedder(model, device, input_spec, threads, flip=None, calibration=None, threshold=None, far=None):
-    """The model on photos; without a flip mode of its own, scored as its calibration says."""
-    from spherecli.calibration import Calibration
-    from spherecli.recognize import FaceEmbedder
+def load_model(model, device, input_spec, threads, select=None, calibration=None, threshold=None, far=None,
+               flip=None):
+    from spherecli.api import load
 
-    cal = None if flip else Calibration.load(model, calibration, threshold, far)
-    return FaceEmbedder(model, device=device, flip=flip or cal.flip, input_spec=input_spec,
-                        threads=threads), cal
+    return load(model, device=device, input_spec=input_spec, threads=threads, select=select,
+                calibration=calibration, threshold=threshold, far=far, flip=flip)
 
 
 @cli.command()
@@ -435,13 +433,11 @@ def verify(photo_a, photo_b, model, select, device, input_spec, threads, calibra
     Detects, aligns and embeds the face of each photo, prints the cosine
     score and the decision at the threshold. Exit status 0 either way.
     """
-    from spherecli.recognize import verify as run
-
-    emb, cal = embedder(model, device, input_spec, threads, calibration=calibration, threshold=threshold,
-                        far=far)
-    result = run(emb, photo_a, photo_b, cal, select)
-    notes(result["notes"] + cal.notes)
-    click.echo(f"{'same' if result['same'] else 'different'}\tscore {result['score']:.4f}\t{cal.describe()}")
+    m = load_model(model, device, input_spec, threads, select, calibration, threshold, far)
+    result = m.verify(photo_a, photo_b)
+    notes(result.notes)
+    click.echo(f"{'same' if result.same else 'different'}\tscore {result.score:.4f}\t"
+               f"{m.calibration.describe()}")
 
 
 @cli.command()
@@ -472,7 +468,6 @@ def identify(gallery, probe, model, select, device, input_spec, threads, calibra
     threshold. One CSV row per face (a probe without a face: one row,
     identity no_face): source, frame, x1, y1, x2, y2, identity, score, best_match.
     """
-    from spherecli.gallery import gallery as build, templates
     from spherecli.identify import annotation_target, identify as run, write_csv
     from spherecli.outputs import Outputs
 
@@ -481,15 +476,13 @@ def identify(gallery, probe, model, select, device, input_spec, threads, calibra
             if path:
                 outputs.file(path, kind)
         annotation_target(outputs, probe, annotate)
-        emb, cal = embedder(model, device, input_spec, threads, calibration=calibration, threshold=threshold,
-                            far=far)
-        people, feats, found = build(emb, gallery, model, cache=cache, select=select)
-        notes(found)
-        names, tmpl = templates(people, feats, cal)
-        console.print(f"gallery: {len(names)} {'person' if len(names) == 1 else 'people'}, {len(people)} "
-                      f"photos; {cal.describe()}")
-        notes(cal.notes)
-        rows = run(emb, names, tmpl, probe, cal, every=every, annotate=annotate, progress=not quiet)
+        m = load_model(model, device, input_spec, threads, select, calibration, threshold, far)
+        known = m.gallery(gallery, cache=cache)
+        notes(known.notes)
+        console.print(f"gallery: {len(known.names)} {'person' if len(known.names) == 1 else 'people'}, "
+                      f"{known.photos} photos; {m.calibration.describe()}")
+        notes(m.calibration.notes)
+        rows = run(m, known, probe, every=every, annotate=annotate, progress=not quiet)
         if output is None:
             notes(write_csv(rows, sys.stdout))
             return
@@ -517,7 +510,7 @@ def embed(root, output, model, select, device, input_spec, threads, aligned, fli
 
     with Outputs([root, model]) as outputs:
         outputs.file(output, "features")
-        emb, _ = embedder(model, device, input_spec, threads, flip=flip)
+        emb = load_model(model, device, input_spec, threads, flip=flip).embedder
         names, feats, found = embed_folder(emb, root, aligned=aligned, select=select, progress=not quiet)
         notes(found)
         save_features(output, names, feats, flip=flip)
@@ -588,7 +581,7 @@ def afs(aligned_dir, model, device, input_spec, threads, flip, quiet):
     from spherecli.metrics import angular_fisher_score
     from spherecli.recognize import embed_folder
 
-    emb, _ = embedder(model, device, input_spec, threads, flip=flip)
+    emb = load_model(model, device, input_spec, threads, flip=flip).embedder
     names, feats, _ = embed_folder(emb, aligned_dir, aligned=True, progress=not quiet, desc="afs")
     labels = [n.split("/")[0] for n in names]
     score = angular_fisher_score(feats, labels)

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from spherecli import UserError
 from spherecli.devices import resolve_device
 from spherecli.formats import JsonlAppender, latest_status, manifest_header, manifest_summary, read_manifest
-from spherecli.images import (IMAGE_EXTENSIONS, MAX_PIXELS, decode, describe_error, identity_of,
-                              oriented_size, walk_images)
+from spherecli.images import (IMAGE_EXTENSIONS, MAX_PIXELS, as_rgb, decode, describe_error, fit_side,
+                              identity_of, oriented_size, walk_images)
 from spherecli.mtcnn import MTCNN
 from spherecli.outputs import Outputs, locked
 from spherecli.parallel import cpu_count, map_batches
@@ -97,6 +97,24 @@ class FaceDetector:
         if min(h, w) < self.settings.min_face:
             return []
         return self.detect([image])[0]
+
+    def photo(self, source) -> tuple[np.ndarray, list[dict]]:
+        """A photo and all its faces, exactly as `detect` and `align` see it: EXIF
+        orientation applied, detected at most max_side pixels long, the faces in the photo's
+        full-size coordinates, which `align` crops from. A path, or an RGB array or PIL
+        image (downscaled for detection the same way)."""
+        s = self.settings
+        if not isinstance(source, (str, Path)):
+            rgb = as_rgb(source)
+            small, scale = fit_side(rgb, s.max_side)
+        else:
+            try:
+                small, info = decode(source, exif=s.exif, max_side=s.max_side)
+                rgb = small if info["scale"] == 1.0 else decode(source, exif=s.exif)[0]
+            except (OSError, ValueError) as e:
+                raise UserError(f"{source}: {describe_error(e)}") from None
+            scale = info["scale"]
+        return rgb, [scale_face(f, scale) for f in self.detect_one(small)]
 
 
 def outside(box, width: int, height: int) -> float:

@@ -3,8 +3,6 @@ next to the photos and keyed by the model, and one template per person."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import zipfile
 from pathlib import Path
 
@@ -23,18 +21,10 @@ def _file_key(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _model_key(model: str | Path, embedder: FaceEmbedder) -> str:
-    h = hashlib.sha1()
-    with open(model, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    h.update(json.dumps([embedder.flip, embedder.settings.as_json(), embedder.net.spec.as_json()]).encode())
-    return h.hexdigest()
-
-
-def gallery(embedder: FaceEmbedder, root: str | Path, model: str | Path, *,
+def gallery(embedder: FaceEmbedder, root: str | Path, key: str, *,
             cache: str | Path | None = None, select: str = "center"):
-    """One feature per gallery photo (folders = people), reusing a cache keyed by the model.
+    """One feature per gallery photo (folders = people), reusing a cache made with the same
+    key (`api.Model.key`: the model file, flip, detection settings and input spec).
 
     Returns (person of each photo, features, notes). Photos with no face
     are left out with a note.
@@ -42,9 +32,8 @@ def gallery(embedder: FaceEmbedder, root: str | Path, model: str | Path, *,
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"gallery {root}: no such directory")
-    with Outputs([root, model]) as outputs:
+    with Outputs([root]) as outputs:
         cache = outputs.file(cache or root / ".sphereface-gallery.npz", "gallery cache")
-    key = _model_key(model, embedder)
     known, notes = _read_cache(cache, key)
     people, paths, keys, feats = [], [], [], []
     for rel in walk_images(root):

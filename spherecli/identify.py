@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 
 from spherecli import UserError
-from spherecli.calibration import Calibration
 from spherecli.formats import IDENTITY_COLUMNS
 from spherecli.images import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, describe_error, encode, is_image_name,
                               walk_images, write_atomic)
@@ -87,12 +86,11 @@ def draw(rgb: np.ndarray, rows: list[dict]) -> np.ndarray:
     return bgr
 
 
-def identify(embedder: FaceEmbedder, names: list[str], tmpl: np.ndarray, probe: str | Path,
-             calibration: Calibration, *, every: int = 1, annotate: str | Path | None = None,
+def identify(model, gallery, probe: str | Path, *, every: int = 1, annotate: str | Path | None = None,
              progress: bool = False):
     """Yield one row per detected probe face: source, frame, box, identity, score, best match;
     a photo or frame without a face gets one row with identity "no_face", and one that
-    cannot be read a row with its "error".
+    cannot be read a row with its "error". model is an `api.Model`, gallery its `Gallery`.
 
     A face takes the best gallery identity when its cosine clears the
     threshold, otherwise "unknown". With annotate, boxes and names are drawn
@@ -104,7 +102,7 @@ def identify(embedder: FaceEmbedder, names: list[str], tmpl: np.ndarray, probe: 
     probe = Path(probe)
     with Outputs([probe]) as outputs:
         annotate = annotation_target(outputs, probe, annotate)
-        frames, total = _frames(embedder, probe, every)
+        frames, total = _frames(model.embedder, probe, every)
         writer = None
         try:
             for source, frame, rgb, faces in tqdm(frames, total=total, desc="identify", disable=not progress,
@@ -114,15 +112,9 @@ def identify(embedder: FaceEmbedder, names: list[str], tmpl: np.ndarray, probe: 
                 if isinstance(rgb, Exception):
                     yield {**empty, "identity": "error", "error": describe_error(rgb)}
                     continue
-                feats = calibration.unit(embedder.embed(embedder.crops(rgb, faces))) if faces else []
-                rows = []
-                for face, f in zip(faces, feats):
-                    scores = tmpl @ f
-                    best = int(np.argmax(scores))
-                    score = float(scores[best])
-                    rows.append({"source": source, "frame": frame, "box": face["box"],
-                                 "identity": names[best] if score >= calibration.threshold else "unknown",
-                                 "score": score, "best_match": names[best]})
+                rows = [{"source": source, "frame": frame, "box": m.face.box, "identity": m.identity,
+                         "score": m.score, "best_match": m.best_match}
+                        for m in model.match(rgb, faces, gallery)]
                 yield from rows or [{**empty, "identity": "no_face"}]
                 if annotate is None:
                     continue

@@ -12,6 +12,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from spherecli import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 EXIF_ORIENTATION = 0x0112
@@ -152,6 +154,20 @@ def decode(path: str | Path, exif: bool = True, max_side: int | None = None, max
     scale = rgb.shape[1] / full_w if rgb.shape[1] != full_w else 1.0
     return np.ascontiguousarray(rgb), {"orientation": orientation, "scale": scale,
                                        "width": full_w, "height": full_h}
+
+
+def as_rgb(image, name: str = "image") -> np.ndarray:
+    """A numpy array (H, W, 3) uint8 in RGB order (or (H, W) grey), or a PIL image, as the
+    contiguous RGB array every stage works on; anything else is one error naming it."""
+    if isinstance(image, Image.Image):
+        return np.ascontiguousarray(_to_rgb_array(image))
+    if not isinstance(image, np.ndarray):
+        raise UserError(f"{name}: expected a path, a PIL image or a numpy array, got {type(image).__name__}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or min(image.shape[:2]) < 1:
+        raise UserError(f"{name}: expected an (H, W, 3) uint8 RGB array, got {image.dtype} {image.shape}")
+    return np.ascontiguousarray(image)
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:

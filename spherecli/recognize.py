@@ -1,5 +1,5 @@
 """A model used on photos: each photo's faces detected and aligned exactly as training
-data was, then embedded; `verify` two photos, or embed a whole folder."""
+data was, then embedded (FaceEmbedder); or a whole folder embedded."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ import torch
 
 from spherecli import UserError
 from spherecli.align import align_face
-from spherecli.calibration import Calibration
 from spherecli.data import load_face, to_chw
 from spherecli.config import DetectSettings
-from spherecli.detect import FaceDetector, scale_face, select_face
+from spherecli.detect import FaceDetector, select_face
 from spherecli.devices import resolve_device
 from spherecli.features import embed, feature_width, load_network
-from spherecli.images import IMAGE_EXTENSIONS, decode, describe_error, fit_side, walk_images
+from spherecli.images import IMAGE_EXTENSIONS, describe_error, walk_images
 
 
 class FaceEmbedder:
@@ -43,21 +42,12 @@ class FaceEmbedder:
         return self._detector
 
     def faces(self, rgb: np.ndarray) -> list[dict]:
-        """The faces of an RGB image as `detect` finds them: downscaled to the settings'
-        max_side for detection, faces in the image's own coordinates."""
-        small, scale = fit_side(rgb, self.settings.max_side)
-        return [scale_face(f, scale) for f in self.detector.detect_one(small)]
+        """The faces of an RGB image, as `detect` finds them."""
+        return self.detector.photo(rgb)[1]
 
-    def photo(self, path: str | Path) -> tuple[np.ndarray, list[dict]]:
-        """A photo file and its faces, exactly as `detect` and `align` see it: EXIF
-        orientation applied, detected at most max_side pixels long, the faces in the
-        photo's full-size coordinates, which `align` crops from."""
-        try:
-            small, info = decode(path, exif=self.settings.exif, max_side=self.settings.max_side)
-            rgb = small if info["scale"] == 1.0 else decode(path, exif=self.settings.exif)[0]
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: {describe_error(e)}") from None
-        return rgb, [scale_face(f, info["scale"]) for f in self.detector.detect_one(small)]
+    def photo(self, source) -> tuple[np.ndarray, list[dict]]:
+        """A photo (path, RGB array or PIL image) and its faces: FaceDetector.photo."""
+        return self.detector.photo(source)
 
     def crops(self, rgb: np.ndarray, faces: list[dict]) -> list[np.ndarray]:
         """Aligned BGR crops, as `align` writes them and training reads them."""
@@ -69,32 +59,22 @@ class FaceEmbedder:
                for i in range(0, len(crops), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, feature_width(self.net, self.flip)))
 
-    def photo_crop(self, path: str | Path, select: str = "center") -> tuple[np.ndarray, dict, str]:
+    def photo_crop(self, path, select: str = "center") -> tuple[np.ndarray, dict, str]:
         """The aligned crop of the one face of a photo (chosen by select among several, as
         `detect` chooses), its face record, and a note; no face is an error."""
         rgb, faces = self.photo(path)
+        where = path if isinstance(path, (str, Path)) else "the image"
         if not faces:
-            raise UserError(f"{path}: no face found")
-        note = f"{path}: {len(faces)} faces found; using the one chosen by --select {select}" \
+            raise UserError(f"{where}: no face found")
+        note = f"{where}: {len(faces)} faces found; using the one the select rule {select!r} chooses" \
             if len(faces) > 1 else ""
         face = faces[select_face(faces, rgb.shape[1], rgb.shape[0], select)]
         return self.crops(rgb, [face])[0], face, note
 
-    def photo_face(self, path: str | Path, select: str = "center") -> tuple[np.ndarray, dict, str]:
+    def photo_face(self, path, select: str = "center") -> tuple[np.ndarray, dict, str]:
         """The feature of the one face of a photo, its face record, and a note."""
         crop, face, note = self.photo_crop(path, select)
         return self.embed([crop])[0], face, note
-
-
-def verify(embedder: FaceEmbedder, a: str | Path, b: str | Path, calibration: Calibration,
-           select: str = "center") -> dict:
-    fa, face_a, note_a = embedder.photo_face(a, select)
-    fb, face_b, note_b = embedder.photo_face(b, select)
-    ua, ub = calibration.unit(np.stack([fa, fb]))
-    score = float(ua @ ub)
-    return {"a": str(a), "b": str(b), "score": score, "threshold": calibration.threshold,
-            "same": score >= calibration.threshold, "calibration": calibration.source,
-            "notes": [n for n in (note_a, note_b) if n], "box_a": face_a["box"], "box_b": face_b["box"]}
 
 
 def embed_folder(embedder: FaceEmbedder, root: str | Path, *, aligned: bool = False, select: str = "center",

@@ -18,7 +18,8 @@ from spherecli.formats import read_manifest
 from spherecli.calibration import Calibration
 from spherecli.metrics import angular_fisher_score
 from spherecli.gallery import gallery
-from spherecli.recognize import FaceEmbedder, embed_folder, verify
+from spherecli.api import load
+from spherecli.recognize import FaceEmbedder, embed_folder
 from spherecli.train import launch
 
 from conftest import copy_images
@@ -86,7 +87,7 @@ def test_identify_photos_one_row_per_detected_face(model, wild_split, tmp_path):
         def photo(self, path):
             raise AssertionError("the cache should have answered")
 
-    people, feats, notes = gallery(Blind(model), wild_split / "gallery", model)
+    people, feats, notes = gallery(Blind(model), wild_split / "gallery", load(model).key)
     assert len(people) == 25 and feats.shape[0] == 25 and not notes
 
 
@@ -118,18 +119,20 @@ def test_verify_same_and_different_people(model, data, tmp_path):
     wild = data / "wild"
     a, b = sorted((wild / "7212").iterdir())[:2]
     other = sorted((wild / "7222").iterdir())[0]
-    emb = FaceEmbedder(model)
-    cal = Calibration.load(model, threshold=0.5)
+    m = load(model, threshold=0.5)
     # A photo and a copy of it at 1.5 times the size are the same face.
     copy = tmp_path / "copy.jpg"
     photo = Image.open(a)
     photo.resize((photo.width * 3 // 2, photo.height * 3 // 2)).save(copy, quality=95)
-    itself = verify(emb, a, copy, cal)
-    same, different = verify(emb, a, b, cal), verify(emb, a, other, cal)
-    assert itself["score"] > 0.9 and itself["same"]
+    itself = m.verify(a, copy)
+    same, different = m.verify(a, b), m.verify(a, other)
+    assert itself.score > 0.9 and itself.same and itself.calibration == "--threshold"
     for r in (same, different):
-        assert -1 <= r["score"] <= 1 and r["same"] == (r["score"] >= 0.5)
-    assert different["score"] < itself["score"]
+        assert -1 <= r.score <= 1 and r.same == (r.score >= 0.5)
+    assert different.score < itself.score
+    # Photos as arrays and PIL images give the features of their files.
+    rgb = np.asarray(Image.open(a).convert("RGB"))
+    np.testing.assert_allclose(m.embed([rgb, Image.open(a)]), m.embed([a, a]), atol=1e-5)
     r = subprocess.run(SPHEREFACE + ["verify", str(a), str(copy), "--model", str(model),
                                      "--threshold", "0.5"], capture_output=True, text=True, check=True)
     assert r.stdout.startswith("same\tscore 0.9") or r.stdout.startswith("same\tscore 1.0")
@@ -222,17 +225,17 @@ def test_a_gallery_cache_that_cannot_be_read_is_made_again_and_a_dangling_link_i
     # Object arrays would unpickle: a cache that holds them is refused, never loaded.
     np.savez(root / ".sphereface-gallery.npz", model=np.array([{"a": 1}], dtype=object),
              paths=np.array(["x"], dtype=object))
-    emb = FaceEmbedder(model)
-    found, feats, notes = gallery(emb, root, model)
+    emb, key = FaceEmbedder(model), load(model).key
+    found, feats, notes = gallery(emb, root, key)
     assert sorted(set(found)) == people and len(feats) == 3
     assert any("not a readable gallery cache" in n and "made again" in n for n in notes), notes
     assert any("gone.jpg" in n for n in notes), notes
-    again, _, notes = gallery(emb, root, model)
+    again, _, notes = gallery(emb, root, key)
     assert again == found and not [n for n in notes if "gallery cache" in n]
     # A file of the user's where the cache would go is left alone.
     (tmp_path / "mine.npz").write_bytes(b"my own bytes")
     with pytest.raises(UserError, match="exists and is not a gallery cache"):
-        gallery(emb, root, model, cache=tmp_path / "mine.npz")
+        gallery(emb, root, key, cache=tmp_path / "mine.npz")
     assert (tmp_path / "mine.npz").read_bytes() == b"my own bytes"
 
 
