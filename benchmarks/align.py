@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from common import machine, sample_tree
-from spherecli.align import REFERENCE_112x96, align_manifests
-from spherecli.detect import detect_tree
-from spherecli.formats import read_manifest
+from spherecli.preprocess.align import REFERENCE_112x96, align_manifests
+from spherecli.preprocess.detect import detect_tree
+from spherecli.core.formats import read_manifest
 
 
 def naive(root: Path, records: list[dict], out: Path) -> float:

@@ -51,19 +51,19 @@ def step(name: str, work: Path) -> dict:
     """One step, in this process; returns what it made."""
     tree, lst = work / "CASIA-WebFace-112X96", work / "casia.txt"
     if name == "list":
-        from spherecli.lists import build_list
+        from spherecli.preprocess.lists import build_list
         s = build_list([tree], lst, exclude={"0166921", "1056413", "1193098"})
         return {"identities": s["identities"], "images": s["images"]}
     if name == "dataset":
-        from spherecli.data import EpochBatches, check_images
-        from spherecli.formats import read_list
+        from spherecli.core.data import EpochBatches, check_images
+        from spherecli.core.formats import read_list
         items, _ = check_images(read_list(lst), str(lst), False)
         sampler = EpochBatches(len(items), 256, seed=0, stop=2)
         first = next(iter(sampler))
         return {"items": len(items), "batch": len(first)}
     if name in ("train", "resume"):
-        from spherecli.config import load_config, resolve
-        from spherecli.train import launch
+        from spherecli.core.config import load_config, resolve
+        from spherecli.training.train import launch
         run = work / "run"
         overrides = {"list": str(lst), "out": str(run), "arch": "sphere20", "batch_size": 64, "workers": 2,
                      "max_iter": 3 if name == "train" else 5, "snapshot": 3, "display": 1, "device": "cpu"}
@@ -78,9 +78,9 @@ def step(name: str, work: Path) -> dict:
         return {"iterations": last["iter"], "loop_s": round(time.perf_counter() - start, 1),
                 "images_per_s": rows[-1]["images_per_s"], "resumed": resuming}
     if name == "manifest":
-        from spherecli.align import align_manifests
-        from spherecli.detect import DetectSettings, _resume_state
-        from spherecli.formats import JsonlAppender, manifest_header
+        from spherecli.preprocess.align import align_manifests
+        from spherecli.preprocess.detect import DetectSettings, _resume_state
+        from spherecli.core.formats import JsonlAppender, manifest_header
         manifest = work / "casia.landmarks.jsonl"
         header = manifest_header(work / "photos", DetectSettings().as_json())
         if not manifest.exists():

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from common import machine, sample_tree
-from spherecli.detect import DetectSettings, detect_tree
+from spherecli.preprocess.detect import DetectSettings, detect_tree
 
 
 def naive(root: Path, paths: list[Path]) -> float:

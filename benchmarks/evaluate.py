@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from common import DATA, machine, need_data
-from spherecli.align import align_manifests
-from spherecli.data import load_face, to_chw
-from spherecli.detect import detect_tree
-from spherecli.benchmarks import distinct_images, read_pairs
-from spherecli.evaluate import evaluate_features
-from spherecli.export import export
-from spherecli.features import embed, extract, load_network
-from spherecli.formats import InputSpec, ModelFile
+from spherecli.preprocess.align import align_manifests
+from spherecli.core.data import load_face, to_chw
+from spherecli.preprocess.detect import detect_tree
+from spherecli.evaluation.datasets import distinct_images, read_pairs
+from spherecli.evaluation.evaluate import evaluate_features
+from spherecli.models.export import export
+from spherecli.models.features import embed, extract, load_network
+from spherecli.core.formats import InputSpec, ModelFile
 from spherecli.models import create_model
 
 

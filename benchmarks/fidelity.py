@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from common import DATA, need_data
-from spherecli.align import MATLAB_ORIGIN, reference_points, similarity_transform
-from spherecli.detect import DetectSettings, FaceDetector, select_face
-from spherecli.benchmarks import distinct_images, read_pairs
-from spherecli.evaluate import evaluate_features
-from spherecli.features import embed, load_network
-from spherecli.formats import read_manifest
-from spherecli.images import decode
+from spherecli.preprocess.align import MATLAB_ORIGIN, reference_points, similarity_transform
+from spherecli.preprocess.detect import DetectSettings, FaceDetector, select_face
+from spherecli.evaluation.datasets import distinct_images, read_pairs
+from spherecli.evaluation.evaluate import evaluate_features
+from spherecli.models.features import embed, load_network
+from spherecli.core.formats import read_manifest
+from spherecli.core.images import decode
 
 
 def landmarks_of(manifest: Path, names: list[str]) -> dict:

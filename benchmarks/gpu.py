@@ -45,11 +45,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from spherecli.config import TrainConfig  # noqa: E402
-from spherecli.formats import ImageList, InputSpec, read_list  # noqa: E402
-from spherecli.losses import create_head  # noqa: E402
+from spherecli.core.config import TrainConfig  # noqa: E402
+from spherecli.core.formats import ImageList, InputSpec, read_list  # noqa: E402
+from spherecli.training.heads import create_head  # noqa: E402
 from spherecli.models import create_model  # noqa: E402
-from spherecli.train import Trainee, Trainer  # noqa: E402
+from spherecli.training.train import Trainee, Trainer  # noqa: E402
 
 CASIA_CLASSES = 10575
 
@@ -213,8 +213,8 @@ def ddp_training(bundle: Path, work: Path, device, arch: str, batch: int, iters:
 
 def detection(bundle: Path, work: Path, device) -> dict:
     """MTCNN on the device over the LFW photos, and its landmarks against the CPU's."""
-    from spherecli.detect import detect_tree
-    from spherecli.formats import read_manifest
+    from spherecli.preprocess.detect import detect_tree
+    from spherecli.core.formats import read_manifest
 
     photos = bundle / "lfw-raw"
     gpu = detect_tree(photos, work / "lfw-gpu.landmarks.jsonl", device=device.type, progress=False)
@@ -234,9 +234,9 @@ def detection(bundle: Path, work: Path, device) -> dict:
 
 def extraction(bundle: Path, device, arch: str, workers: int, limit: int | None) -> dict:
     """evaluate's features on the device (fp32, bf16) and on the CPU, with one network."""
-    from spherecli.benchmarks import distinct_images, read_pairs
-    from spherecli.evaluate import evaluate_features
-    from spherecli.features import TorchNetwork, extract
+    from spherecli.evaluation.datasets import distinct_images, read_pairs
+    from spherecli.evaluation.evaluate import evaluate_features
+    from spherecli.models.features import TorchNetwork, extract
 
     pairs = read_pairs(bundle / "pairs.txt")
     if limit:  # the tiny run: the pairs among the first images only, in two folds

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from common import machine
-from spherecli.data import CachedFaces, EpochBatches, FaceList, batches
-from spherecli.features import prepare
-from spherecli.formats import InputSpec, read_list
+from spherecli.core.data import CachedFaces, EpochBatches, FaceList, batches
+from spherecli.models.features import prepare
+from spherecli.core.formats import InputSpec, read_list
 
 
 def rate(n: int, fn) -> float:

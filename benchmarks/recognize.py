@@ -49,8 +49,8 @@ def one(args) -> dict:
     """One measurement, in this process."""
     import torch
 
-    from spherecli.config import DetectSettings
-    from spherecli.recognize import FaceEmbedder
+    from spherecli.core.config import DetectSettings
+    from spherecli.recognition.recognize import FaceEmbedder
 
     torch.set_num_threads(args.threads)
     settings = DetectSettings(max_side=args.max_side) if args.max_side else None
@@ -109,7 +109,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-recognize-"))
     model = args.model
     if model is None:
-        from spherecli.formats import InputSpec, ModelFile
+        from spherecli.core.formats import InputSpec, ModelFile
         from spherecli.models import create_model
 
         net = create_model("mobilefacenet")

@@ -21,16 +21,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from common import machine, sample_tree
-from spherecli.align import align_manifests
-from spherecli.config import TrainConfig
-from spherecli.data import FaceList
-from spherecli.detect import detect_tree
-from spherecli.features import prepare
-from spherecli.formats import InputSpec, read_list
-from spherecli.lists import build_list
-from spherecli.losses import create_head
+from spherecli.preprocess.align import align_manifests
+from spherecli.core.config import TrainConfig
+from spherecli.core.data import FaceList
+from spherecli.preprocess.detect import detect_tree
+from spherecli.models.features import prepare
+from spherecli.core.formats import InputSpec, read_list
+from spherecli.preprocess.lists import build_list
+from spherecli.training.heads import create_head
 from spherecli.models import autocast_dtype, create_model
-from spherecli.train import train
+from spherecli.training.train import train
 
 
 def aligned_list(n: int) -> Path:

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from spherecli import UserError
-from spherecli.calibration import Calibration
-from spherecli.config import DetectSettings, TrainConfig
-from spherecli.images import as_rgb, decode, describe_error
+from spherecli.core.errors import UserError
+from spherecli.recognition.calibration import Calibration
+from spherecli.core.config import DetectSettings, TrainConfig
+from spherecli.core.images import as_rgb, decode, describe_error
 
 
 @dataclass
@@ -90,7 +90,7 @@ _detectors: dict = {}
 
 
 def _detector(settings: DetectSettings, device: str):
-    from spherecli.detect import FaceDetector
+    from spherecli.preprocess.detect import FaceDetector
 
     key = (json.dumps(settings.as_json()), device)
     if key not in _detectors:  # MTCNN's weights are read once per settings
@@ -108,7 +108,7 @@ def detect(image, settings: DetectSettings | None = None, device: str = "cpu") -
 
 def _kept_first(rgb: np.ndarray, faces: list[dict], rule: str) -> list[dict]:
     """The faces with the one `detect` keeps (by the select rule) first."""
-    from spherecli.detect import select_face
+    from spherecli.preprocess.detect import select_face
 
     if not faces:
         return faces
@@ -118,8 +118,8 @@ def _kept_first(rgb: np.ndarray, faces: list[dict], rule: str) -> list[dict]:
 
 def align(image, landmarks, size: tuple[int, int] = (112, 96), reference: str = "sphereface") -> np.ndarray:
     """The aligned RGB crop of a face, as `sphereface align` makes it (without its JPEG)."""
-    from spherecli.align import align_face, check_size
-    from spherecli.registry import REFERENCES
+    from spherecli.preprocess.align import align_face, check_size
+    from spherecli.core.registry import REFERENCES
 
     if reference not in REFERENCES:
         raise UserError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
@@ -143,7 +143,7 @@ class Model:
                  flip: str | None = None, threads: int | None = 1):
         """flip: an image's feature with its mirror's (concat, sum, none; by default as the
         calibration was measured); threads: see FaceEmbedder."""
-        from spherecli.recognize import FaceEmbedder
+        from spherecli.recognition.recognize import FaceEmbedder
 
         self.path = Path(path)
         self.calibration = Calibration.load(self.path, calibration, threshold, far)
@@ -201,7 +201,7 @@ class Model:
     def gallery(self, people, cache: str | Path | None = None) -> Gallery:
         """Known people: a folder of one folder per person (features cached, by default in
         FOLDER/.sphereface-gallery.npz, keyed by this model), or a dict of name -> images."""
-        from spherecli.gallery import gallery, templates
+        from spherecli.recognition.gallery import gallery, templates
 
         if isinstance(people, dict):
             owners, feats, notes = [], [], []
@@ -249,8 +249,8 @@ def load(path: str | Path, **options) -> Model:
 
 def evaluate(pairs: str | Path, model: str | Path, data: str | Path, **options) -> dict:
     """The verification protocol (LFW's evaluation.m) of a model on a pair list and a folder
-    of aligned crops; options as `spherecli.evaluate.evaluate`'s. Returns every number."""
-    from spherecli.evaluate import evaluate as run
+    of aligned crops; options as `spherecli.evaluation.evaluate.evaluate`'s. Returns every number."""
+    from spherecli.evaluation.evaluate import evaluate as run
 
     return run(pairs, model=model, data=data, progress=options.pop("progress", False), **options)
 
@@ -258,8 +258,8 @@ def evaluate(pairs: str | Path, model: str | Path, data: str | Path, **options) 
 def train(config: TrainConfig | dict | str | Path, resume: bool = False, progress: bool = False) -> dict:
     """Train from a TrainConfig, a dict of its fields (the head's under "head"), or a TOML
     recipe; returns the last log row. model.pt lands in the config's `out`."""
-    from spherecli.config import resolve
-    from spherecli.train import launch
+    from spherecli.core.config import resolve
+    from spherecli.training.train import launch
 
     if isinstance(config, TrainConfig):
         return launch(config, resume, progress)

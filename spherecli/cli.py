@@ -10,10 +10,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from spherecli import Interrupted, UserError, __version__
-from spherecli.registry import (AMP_MODES, FLIP_MODES, IMPORT_FORMATS, LFW_PATTERN, NO_FACE_RULES,
-                                REFERENCES, RUNTIMES, SELECT_RULES)
-from spherecli.validate import COSINE, COUNT, FRACTION, NOT_NEGATIVE_INT, Range
+from spherecli.core.errors import Interrupted, UserError, __version__
+from spherecli.core.registry import (AMP_MODES, FLIP_MODES, IMPORT_FORMATS, LFW_PATTERN, NO_FACE_RULES,
+                                     REFERENCES, RUNTIMES, SELECT_RULES)
+from spherecli.core.validate import COSINE, COUNT, FRACTION, NOT_NEGATIVE_INT, Range
 
 # Tables and notes: as wide as a terminal, or 200 columns into a file or pipe (not 80).
 console = Console(stderr=True, soft_wrap=True, highlight=False, width=None if sys.stderr.isatty() else 200)
@@ -38,7 +38,7 @@ def notes(lines) -> None:
 
 
 class Number(click.ParamType):
-    """A number inside a Range (spherecli.validate), or `count` of them comma-separated
+    """A number inside a Range (spherecli.core.validate), or `count` of them comma-separated
     (0: any number of them); NaN and infinities never pass."""
 
     def __init__(self, range: Range, count: int | None = None):
@@ -74,7 +74,7 @@ class Number(click.ParamType):
 
 class OutputPath(click.Path):
     """A path the command writes: a file of one of formats.KINDS, or a folder. The stage
-    functions check it through spherecli.outputs; the declaration is what the tests
+    functions check it through spherecli.core.outputs; the declaration is what the tests
     generated from this file read."""
 
     def __init__(self, kind: str | None = None, folder: bool = False):
@@ -146,7 +146,7 @@ def cli():
 def field_option(f, type_=None):
     """A settings dataclass field as a click option: its flag, default, help, and its range or
     choices as the option's type, so that both check the same way."""
-    from spherecli.config import field_type
+    from spherecli.core.config import field_type
 
     flag = "--" + f.name.replace("_", "-")
     default, meta = f.default, f.metadata
@@ -176,7 +176,7 @@ def settings_options(cls, types: dict | None = None):
 
 
 def detect_settings(fn):
-    from spherecli.config import DetectSettings
+    from spherecli.core.config import DetectSettings
 
     return settings_options(DetectSettings)(fn)
 
@@ -202,8 +202,8 @@ def detect(root, output, device, batch_size, workers, shard, strict, retry_error
     Writes one JSON record per image (docs/formats.md); re-running the same
     command resumes, skipping images already recorded.
     """
-    from spherecli.config import DetectSettings
-    from spherecli.detect import detect_tree
+    from spherecli.core.config import DetectSettings
+    from spherecli.preprocess.detect import detect_tree
 
     summary = detect_tree(root, output, DetectSettings(**settings), device=device, batch_size=batch_size,
                           workers=workers, shard=shard, strict=strict, retry_errors=retry_errors,
@@ -237,7 +237,7 @@ def align(sources, output, root, reference, size, jpeg_quality, workers, overwri
     A landmark text file has lines `relative/path.jpg x1 y1 x2 y2 ... x5 y5`
     (left eye, right eye, nose, left and right mouth corners).
     """
-    from spherecli.align import align_manifests, parse_size
+    from spherecli.preprocess.align import align_manifests, parse_size
 
     summary = align_manifests(sources, output, root=root, size=parse_size(size) if size else None,
                               reference=reference, jpeg_quality=jpeg_quality, workers=workers,
@@ -262,7 +262,7 @@ def list_(aligned_dirs, output, exclude, min_images, relative):
     Labels are 0..C-1 over the sorted identity folder names. Counts and the
     label -> name table are written next to it, in LIST.txt.json.
     """
-    from spherecli.lists import build_list, read_exclusions
+    from spherecli.preprocess.lists import build_list, read_exclusions
 
     summary = build_list(list(aligned_dirs), output, exclude=read_exclusions(exclude), min_images=min_images,
                          relative=relative)
@@ -274,7 +274,7 @@ def list_(aligned_dirs, output, exclude, min_images, relative):
 
 def config_options(fn):
     """One option per TrainConfig field and head setting: the CLI and the TOML file speak the same names."""
-    from spherecli.config import HEAD_SETTINGS, TrainConfig
+    from spherecli.core.config import HEAD_SETTINGS, TrainConfig
 
     for name, (kind, text, rng) in reversed(HEAD_SETTINGS.items()):
         fn = click.option("--" + name.replace("_", "-"), name, help=text,
@@ -311,8 +311,8 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
             table.add_row(*row)
         stdout().print(table)
         return
-    from spherecli.config import HEAD_SETTINGS, resolve
-    from spherecli.train import launch
+    from spherecli.core.config import HEAD_SETTINGS, resolve
+    from spherecli.training.train import launch
 
     # Only what was typed overrides the config file and a resumed run's settings.
     typed = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()
@@ -371,11 +371,11 @@ def evaluate(pairs, benchmarks_file, names, model, data, features, save_features
     thresholds, ROC AUC, EER, TAR at FAR 1e-3 and 1e-2, best single
     threshold, the calibration) to the result JSON.
     """
-    from spherecli.evaluate import evaluate as run, fold_table, summary_lines
+    from spherecli.evaluation.evaluate import evaluate as run, fold_table, summary_lines
 
     if benchmarks_file:
-        from spherecli.benchmarks import load_benchmarks
-        from spherecli.evaluate import SUMMARY_COLUMNS, evaluate_many, summary_row
+        from spherecli.evaluation.datasets import load_benchmarks
+        from spherecli.evaluation.evaluate import SUMMARY_COLUMNS, evaluate_many, summary_row
 
         if model is None:
             raise UserError("--benchmarks needs --model")
@@ -468,8 +468,8 @@ def identify(gallery, probe, model, select, device, input_spec, threads, calibra
     threshold. One CSV row per face (a probe without a face: one row,
     identity no_face): source, frame, x1, y1, x2, y2, identity, score, best_match.
     """
-    from spherecli.identify import annotation_target, identify as run, write_csv
-    from spherecli.outputs import Outputs
+    from spherecli.recognition.identify import annotation_target, identify as run, write_csv
+    from spherecli.core.outputs import Outputs
 
     with Outputs([gallery, probe, model, calibration]) as outputs:
         for path, kind in ((output, "identities"), (cache, "gallery cache")):
@@ -504,9 +504,9 @@ def identify(gallery, probe, model, select, device, input_spec, threads, calibra
 @quiet
 def embed(root, output, model, select, device, input_spec, threads, aligned, flip, quiet):
     """Features for every image under ROOT, for use in other tools."""
-    from spherecli.formats import save_features
-    from spherecli.outputs import Outputs
-    from spherecli.recognize import embed_folder
+    from spherecli.core.formats import save_features
+    from spherecli.core.outputs import Outputs
+    from spherecli.recognition.recognize import embed_folder
 
     with Outputs([root, model]) as outputs:
         outputs.file(output, "features")
@@ -532,7 +532,7 @@ def export(model, output, check_dir, opset, overwrite):
     (ours: BGR, (pixel - 127.5) / 128); output: (N, feature size). An ONNX
     export gets its input spec beside it, OUTPUT.json.
     """
-    from spherecli.export import export as run
+    from spherecli.models.export import export as run
 
     show(f"export -> {output}", run(model, output, check_dir=check_dir, opset=opset, overwrite=overwrite))
 
@@ -557,7 +557,7 @@ def import_(source, output, fmt, prototxt, input_spec, overwrite):
     Xiaoccer/MobileFaceNet_Pytorch:         068.ckpt
     Weights only: nothing in SOURCE is executed. ONNX networks need no import.
     """
-    from spherecli.convert import import_model
+    from spherecli.models.convert import import_model
 
     summary = import_model(source, output, fmt=fmt, prototxt=prototxt, input_spec=input_spec,
                            overwrite=overwrite)
@@ -578,8 +578,8 @@ def afs(aligned_dir, model, device, input_spec, threads, flip, quiet):
     The SphereFace appendix's measure, AFS = S_w / S_b: within-class
     angular spread over between-class spread, one class per folder.
     """
-    from spherecli.metrics import angular_fisher_score
-    from spherecli.recognize import embed_folder
+    from spherecli.evaluation.metrics import angular_fisher_score
+    from spherecli.recognition.recognize import embed_folder
 
     emb = load_model(model, device, input_spec, threads, flip=flip).embedder
     names, feats, _ = embed_folder(emb, aligned_dir, aligned=True, progress=not quiet, desc="afs")
@@ -597,8 +597,8 @@ def report(runs, plot, key, as_json):
     """Compare training runs: final loss, accuracy, speed, LFW (when evaluated), curves."""
     import json
 
-    from spherecli.outputs import Outputs
-    from spherecli.report import COLUMNS, curves, summarize, table_row
+    from spherecli.core.outputs import Outputs
+    from spherecli.evaluation.report import COLUMNS, curves, summarize, table_row
 
     with Outputs(runs) as outputs:
         if plot:
@@ -614,7 +614,7 @@ def report(runs, plot, key, as_json):
                 table.add_row(*table_row(row))
             stdout().print(table)
         if plot:
-            from spherecli.plot import line_chart
+            from spherecli.evaluation.plot import line_chart
 
             line_chart(plot, series, title=key, xlabel="iteration", ylabel=key)
 

@@ -43,9 +43,9 @@ def lfw_sample(data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def celeba_list(data, tmp_path_factory) -> Path:
     """A training list of 16 real CelebA identities x 10 faces, detected and aligned by the pipeline."""
-    from spherecli.align import align_manifests
-    from spherecli.detect import detect_tree
-    from spherecli.lists import build_list
+    from spherecli.preprocess.align import align_manifests
+    from spherecli.preprocess.detect import detect_tree
+    from spherecli.preprocess.lists import build_list
 
     celeba = data / "celeba"
     people = [p for p in sorted(os.listdir(celeba)) if len(os.listdir(celeba / p)) >= 10][:16]
@@ -84,7 +84,7 @@ def write_synthetic_faces(root: Path, people: int = 16, per_person: int = 10, se
 @pytest.fixture(scope="session")
 def synthetic_list(tmp_path_factory) -> Path:
     """A training list of 16 synthetic identities x 10 aligned crops."""
-    from spherecli.lists import build_list
+    from spherecli.preprocess.lists import build_list
 
     work = tmp_path_factory.mktemp("synthetic")
     build_list([write_synthetic_faces(work / "aligned")], work / "train.txt")

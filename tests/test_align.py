@@ -3,10 +3,10 @@ import pytest
 from PIL import Image
 
 from spherecli import UserError
-from spherecli.align import (REFERENCE_112x96, align_face, align_manifests, reference_points,
-                             similarity_transform)
-from spherecli.detect import detect_tree
-from spherecli.formats import read_manifest
+from spherecli.preprocess.align import (REFERENCE_112x96, align_face, align_manifests, reference_points,
+                                        similarity_transform)
+from spherecli.preprocess.detect import detect_tree
+from spherecli.core.formats import read_manifest
 
 from conftest import copy_images
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from spherecli import UserError
-from spherecli.benchmarks import Benchmark, Pairs, load_benchmarks, read_bin, read_cfp
-from spherecli.evaluate import run_benchmark
-from spherecli.formats import InputSpec, ModelFile, save_features
+from spherecli.evaluation.datasets import Benchmark, Pairs, load_benchmarks, read_bin, read_cfp
+from spherecli.evaluation.evaluate import run_benchmark
+from spherecli.core.formats import InputSpec, ModelFile, save_features
 from spherecli.models import create_model
 
 from conftest import DATA, write_synthetic_faces

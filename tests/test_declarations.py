@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from spherecli.cli import Number, OutputPath, cli, main
-from spherecli.formats import InputSpec, ModelFile
-from spherecli.images import walk_images
+from spherecli.core.formats import InputSpec, ModelFile
+from spherecli.core.images import walk_images
 from spherecli.models import create_model
 
 from conftest import DATA, write_synthetic_faces
@@ -194,7 +194,7 @@ def test_a_number_is_checked_where_it_is_declared(work, tmp_path, capsys, comman
 
 
 def test_the_samples_cover_both_sides_of_each_end():
-    from spherecli.validate import Range
+    from spherecli.core.validate import Range
 
     inside, outside = Range(0, 1, lo_open=True).samples()
     assert inside == [1] and 0 in outside and 1.001 in outside and any(math.isnan(v) for v in outside)

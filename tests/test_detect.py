@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from spherecli import UserError
-from spherecli.detect import (BORDER_PAD, SIZE_STEP, DetectSettings, FaceDetector, _size_batches, detect_tree,
-                              select_face)
-from spherecli.images import decode
-from spherecli.formats import read_manifest
+from spherecli.preprocess.detect import (BORDER_PAD, SIZE_STEP, DetectSettings, FaceDetector,
+                                         _size_batches, detect_tree, select_face)
+from spherecli.core.images import decode
+from spherecli.core.formats import read_manifest
 
 from conftest import copy_images
 

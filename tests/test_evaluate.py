@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from spherecli import UserError
-from spherecli.benchmarks import read_pairs
-from spherecli.evaluate import evaluate
-from spherecli.metrics import THRESHOLDS, accuracy, best_threshold, roc, verification
-from spherecli.features import extract, load_network
+from spherecli.evaluation.datasets import read_pairs
+from spherecli.evaluation.evaluate import evaluate
+from spherecli.evaluation.metrics import THRESHOLDS, accuracy, best_threshold, roc, verification
+from spherecli.models.features import extract, load_network
 from spherecli.models import create_model
 
 from conftest import copy_images
@@ -124,8 +124,8 @@ def test_bad_pairs_lines(tmp_path):
 @pytest.fixture(scope="module")
 def lfw_subset(data, tmp_path_factory):
     """300 real LFW pairs (15 same + 15 different per fold), detected and aligned."""
-    from spherecli.align import align_manifests
-    from spherecli.detect import detect_tree
+    from spherecli.preprocess.align import align_manifests
+    from spherecli.preprocess.detect import detect_tree
 
     lines = (data / "pairs.txt").read_text().splitlines()[1:]
     keep = [line for k in range(10)

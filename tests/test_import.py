@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from spherecli import UserError
-from spherecli.convert import import_model
-from spherecli.export import export
-from spherecli.features import embed, load_network, prepare
-from spherecli.formats import InputSpec, ModelFile
+from spherecli.models.convert import import_model
+from spherecli.models.export import export
+from spherecli.models.features import embed, load_network, prepare
+from spherecli.core.formats import InputSpec, ModelFile
 from spherecli.models import create_model, load_model
 
 from conftest import MODELS
@@ -310,9 +310,9 @@ def test_published_mobilefacenet_through_the_whole_pipeline_on_lfw(data, tmp_pat
     ckpts = sorted((MODELS / "mobilefacenet-casia").glob("*.ckpt"))
     if not ckpts:
         pytest.skip(f"the published MobileFaceNet checkpoint is not at {MODELS / 'mobilefacenet-casia'}")
-    from spherecli.align import align_manifests
-    from spherecli.detect import detect_tree
-    from spherecli.evaluate import evaluate
+    from spherecli.preprocess.align import align_manifests
+    from spherecli.preprocess.detect import detect_tree
+    from spherecli.evaluation.evaluate import evaluate
 
     detect_tree(data / "lfw", tmp_path / "lfw.jsonl", progress=False)
     align_manifests([tmp_path / "lfw.jsonl"], tmp_path / "lfw-112X96", no_face="mean", progress=False)
@@ -325,7 +325,7 @@ def test_published_mobilefacenet_through_the_whole_pipeline_on_lfw(data, tmp_pat
 
 def test_runtime_auto_runs_mobilefacenet_through_onnxruntime_with_the_same_features(tmp_path):
     pytest.importorskip("onnxruntime")
-    from spherecli.features import OnnxNetwork, TorchNetwork
+    from spherecli.models.features import OnnxNetwork, TorchNetwork
 
     for arch, kind in (("mobilefacenet", OnnxNetwork), ("sphere4", TorchNetwork)):
         net = randomise(create_model(arch), seed=5)

@@ -4,8 +4,8 @@ import os
 import pytest
 
 from spherecli import UserError
-from spherecli.formats import read_list
-from spherecli.lists import build_list, read_exclusions
+from spherecli.core.formats import read_list
+from spherecli.preprocess.lists import build_list, read_exclusions
 
 
 def tree(tmp_path, counts):

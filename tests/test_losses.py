@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from spherecli import UserError
-from spherecli.losses import ASoftmax, ArcFace, CosFace, Softmax, create_head, psi
-from spherecli.registry import HEADS
+from spherecli.training.heads import ASoftmax, ArcFace, CosFace, Softmax, create_head, psi
+from spherecli.core.registry import HEADS
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
@@ -162,7 +162,7 @@ def test_bad_head_options():
 
 def test_every_head_setting_is_a_training_option():
     """The flags and [head] keys of config.HEAD_SETTINGS are exactly what the heads take."""
-    from spherecli.config import HEAD_SETTINGS, head_options
+    from spherecli.core.config import HEAD_SETTINGS, head_options
 
     taken = {option for name in HEADS.names for option in head_options(name)}
     assert taken == set(HEAD_SETTINGS)

@@ -14,7 +14,7 @@ import cv2
 import pytest
 import torch
 
-from spherecli.formats import InputSpec, ModelFile
+from spherecli.core.formats import InputSpec, ModelFile
 from spherecli.models import create_model
 
 from conftest import write_synthetic_faces
@@ -293,7 +293,7 @@ def test_a_grey_pgm_face_is_aligned(tmp_path):
 
 
 def test_a_list_names_links_as_they_are_and_leaves_out_dangling_ones(work, tmp_path):
-    from spherecli.lists import build_list
+    from spherecli.preprocess.lists import build_list
 
     root = tmp_path / "aligned"
     shutil.copytree(work / "aligned", root)
@@ -309,7 +309,7 @@ def test_a_list_names_links_as_they_are_and_leaves_out_dangling_ones(work, tmp_p
 
 
 def test_a_false_accept_rate_the_calibration_set_cannot_resolve_is_said(tmp_path):
-    from spherecli.calibration import Calibration
+    from spherecli.recognition.calibration import Calibration
 
     (tmp_path / "m.lfw.json").write_text(json.dumps({"calibration": {
         "mean": None, "threshold": 0.3, "flip": "concat", "impostors": sorted(range(100))}}))
@@ -326,7 +326,7 @@ def test_the_pixel_limit_is_ours_above_pillows(tmp_path):
     import struct
     import zlib
 
-    from spherecli.images import decode
+    from spherecli.core.images import decode
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

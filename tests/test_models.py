@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from spherecli.models import count_parameters, create_model
-from spherecli.registry import NETWORKS
-from spherecli.losses import create_head
-from spherecli.train import Trainee
+from spherecli.core.registry import NETWORKS
+from spherecli.training.heads import create_head
+from spherecli.training.train import Trainee
 
 
 @pytest.mark.parametrize("arch", NETWORKS.names)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spherecli.images import decode
-from spherecli.mtcnn import MTCNN, _crops, _integral, _level, max_pool, nms
+from spherecli.core.images import decode
+from spherecli.preprocess.mtcnn import MTCNN, _crops, _integral, _level, max_pool, nms
 
 # Photos where two overlapping final boxes share O-Net's saturated score, so the face
 # returned depends on which of them the last suppression keeps.
@@ -107,7 +107,8 @@ def test_nms_keeps_what_torchvision_keeps_image_by_image():
 def test_detecting_imports_neither_torchvision_nor_facenet_pytorch():
     # Each worker process imports what detect needs; torchvision alone (through
     # torch._dynamo) took 1.2 s of every detect command's start-up.
-    code = ("import sys; import spherecli.detect; from spherecli.mtcnn import MTCNN; MTCNN(); "
+    code = ("import sys; import spherecli.preprocess.detect; from spherecli.preprocess.mtcnn import MTCNN; "
+            "MTCNN(); "
             "heavy = ('torchvision', 'facenet_pytorch', 'torch._dynamo'); "
             "print(sorted(m for m in heavy if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -5,14 +5,14 @@ import sys
 import pytest
 
 from spherecli import UserError
-from spherecli.parallel import map_batches
+from spherecli.core.parallel import map_batches
 
 # The parent keeps OpenCV's thread pool busy, then aligns with two workers.
 # Workers forked from such a process inherit the pool's locks without its
 # threads: this is how the whole test suite once hung in CI until killed.
 ALIGN_AFTER_OPENCV_THREADS = """
 import sys, cv2, numpy as np
-from spherecli.align import align_manifests
+from spherecli.preprocess.align import align_manifests
 cv2.warpAffine(np.zeros((2000, 2000, 3), np.uint8), np.eye(2, 3), (2000, 2000))
 summary = align_manifests([sys.argv[1]], sys.argv[2], root=sys.argv[3], workers=2, progress=False)
 print(summary["aligned"])

@@ -11,16 +11,16 @@ import pytest
 from PIL import Image
 
 from spherecli import UserError
-from spherecli.config import DetectSettings, TrainConfig
-from spherecli.detect import detect_tree
-from spherecli.export import export
-from spherecli.formats import read_manifest
-from spherecli.calibration import Calibration
-from spherecli.metrics import angular_fisher_score
-from spherecli.gallery import gallery
+from spherecli.core.config import DetectSettings, TrainConfig
+from spherecli.preprocess.detect import detect_tree
+from spherecli.models.export import export
+from spherecli.core.formats import read_manifest
+from spherecli.recognition.calibration import Calibration
+from spherecli.evaluation.metrics import angular_fisher_score
+from spherecli.recognition.gallery import gallery
 from spherecli.api import load
-from spherecli.recognize import FaceEmbedder, embed_folder
-from spherecli.train import launch
+from spherecli.recognition.recognize import FaceEmbedder, embed_folder
+from spherecli.training.train import launch
 
 from conftest import copy_images
 

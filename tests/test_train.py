@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from spherecli import Interrupted, UserError
-from spherecli.config import TrainConfig, load_config, resolve, to_toml
-from spherecli.data import EpochBatches, batches
-from spherecli.formats import Checkpoint, read_log
-from spherecli.train import StallWatch, Stopped, Trainer, launch, learning_rate, train
+from spherecli.core.config import TrainConfig, load_config, resolve, to_toml
+from spherecli.core.data import EpochBatches, batches
+from spherecli.core.formats import Checkpoint, read_log
+from spherecli.training.train import StallWatch, Stopped, Trainer, launch, learning_rate, train
 
 
 def run_cfg(train_list, out, **kw):
@@ -274,7 +274,7 @@ def test_stall_watch_flags_a_collapsing_run():
 
 
 def test_a_log_line_cut_by_a_kill_is_skipped_and_repaired(synthetic_list, tmp_path):
-    from spherecli.report import summarize
+    from spherecli.evaluation.report import summarize
 
     out = tmp_path / "run"
     launch(run_cfg(synthetic_list, out, max_iter=10, snapshot=5))
@@ -302,8 +302,8 @@ def test_report_of_a_run_that_stopped_before_its_first_row(synthetic_list, tmp_p
 
 
 def test_the_image_cache_file_gives_the_batches_of_the_jpegs(synthetic_list, tmp_path):
-    from spherecli.data import CachedFaces
-    from spherecli.formats import read_list
+    from spherecli.core.data import CachedFaces
+    from spherecli.core.formats import read_list
 
     items = read_list(synthetic_list)
     sampler = EpochBatches(len(items), 16, seed=5, stop=12)

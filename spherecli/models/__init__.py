@@ -1,4 +1,4 @@
-"""Face feature networks by name, from the registry (spherecli/registry.py).
+"""Face feature networks by name, from the registry (spherecli/core/registry.py).
 
 A family is a module of its own that defines its networks and registers each
 builder with `@NETWORKS.register`; its names are declared in the registry.
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spherecli import UserError
-from spherecli.formats import ModelFile
-from spherecli.registry import NETWORKS
+from spherecli.core.errors import UserError
+from spherecli.core.formats import ModelFile
+from spherecli.core.registry import NETWORKS
 
 
 def create_model(arch: str, **model_args) -> nn.Module:

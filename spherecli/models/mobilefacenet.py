@@ -14,7 +14,7 @@ import math
 
 from torch import nn
 
-from spherecli.registry import NETWORKS
+from spherecli.core.registry import NETWORKS
 
 # (expansion t, channels c, repeats n, first stride s), the paper's Table 1.
 BOTTLENECKS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))

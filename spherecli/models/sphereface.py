@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from spherecli.registry import NETWORKS
+from spherecli.core.registry import NETWORKS
 
 CHANNELS = (64, 128, 256, 512)
 UNITS = {4: (0, 0, 0, 0), 10: (0, 1, 2, 0), 20: (1, 2, 4, 1), 36: (2, 4, 8, 2), 64: (3, 8, 16, 3)}

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from spherecli import UserError
-from spherecli.features import unit
+from spherecli.core.errors import UserError
+from spherecli.models.features import unit
 
 THRESHOLDS = np.arange(-10000, 10001) / 10000.0  # Matlab's (-thrNum:thrNum) / thrNum
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from spherecli import UserError
+from spherecli.core.errors import UserError
 
 
 class Registry:
@@ -29,7 +29,7 @@ class Registry:
         name = fn.__name__.lower()
         if self.modules.get(name) != fn.__module__:
             raise RuntimeError(f"{fn.__module__}.{fn.__name__}: declare {name!r} in "
-                               f"spherecli/registry.py's {self.what} table first")
+                               f"spherecli/core/registry.py's {self.what} table first")
         self.builders[name] = fn
         return fn
 
@@ -54,10 +54,10 @@ NETWORKS = Registry("network", {
 })
 
 HEADS = Registry("head", {
-    "asoftmax": "spherecli.losses",
-    "softmax": "spherecli.losses",
-    "cosface": "spherecli.losses",
-    "arcface": "spherecli.losses",
+    "asoftmax": "spherecli.training.heads",
+    "softmax": "spherecli.training.heads",
+    "cosface": "spherecli.training.heads",
+    "arcface": "spherecli.training.heads",
 })
 
 # Where the five landmarks are put in an aligned crop: (height, width) and the
@@ -76,10 +76,10 @@ REFERENCES = {
 
 CHANNEL_ORDERS = ("bgr", "rgb")
 
-# What `sphereface import` converts (spherecli/convert.py).
+# What `sphereface import` converts (spherecli/models/convert.py).
 IMPORT_FORMATS = ("caffe", "sphere20a", "mobilefacenet")
 
-# How `detect` treats faces that fill the frame (spherecli/detect.py, FaceDetector.detect).
+# How `detect` treats faces that fill the frame (spherecli/preprocess/detect.py, FaceDetector.detect).
 BORDER_MODES = ("redetect", "pad", "none")
 
 # Smaller choices, each made on the command line and in recipes.

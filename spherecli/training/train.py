@@ -26,17 +26,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from spherecli import Interrupted, UserError
-from spherecli.config import TrainConfig, to_toml
-from spherecli.data import EpochBatches, batches, check_images, load_face
-from spherecli.features import prepare
-from spherecli.devices import check_gpus, resolve_device
-from spherecli.formats import (Checkpoint, ImageList, InputSpec, JsonlAppender, ModelFile, RunFolder,
-                               cache_key_path, read_list)
-from spherecli.losses import create_head
+from spherecli.core.errors import Interrupted, UserError
+from spherecli.core.config import TrainConfig, to_toml
+from spherecli.core.data import EpochBatches, batches, check_images, load_face
+from spherecli.models.features import prepare
+from spherecli.core.devices import check_gpus, resolve_device
+from spherecli.core.formats import (Checkpoint, ImageList, InputSpec, JsonlAppender, ModelFile, RunFolder,
+                                    cache_key_path, read_list)
+from spherecli.training.heads import create_head
 from spherecli.models import autocast_dtype, create_model
-from spherecli.outputs import Outputs, locked
-from spherecli.parallel import cpu_count
+from spherecli.core.outputs import Outputs, locked
+from spherecli.core.parallel import cpu_count
 
 
 class Trainee(nn.Module):

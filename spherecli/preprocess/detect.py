@@ -1,7 +1,7 @@
 """Stage 1: find faces and their five landmarks with MTCNN, writing a JSON Lines manifest.
 
 The detector is MTCNN with facenet-pytorch's weights and the original
-SphereFace settings (spherecli/mtcnn.py). What this module adds is
+SphereFace settings (spherecli/preprocess/mtcnn.py). What this module adds is
 throughput and safety on real trees: images of similar sizes are batched through
 MTCNN, several worker processes run at once, records are appended per batch
 so a killed run resumes where it stopped, and a bad file becomes an `error`
@@ -21,15 +21,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spherecli import UserError
-from spherecli.devices import resolve_device
-from spherecli.formats import JsonlAppender, latest_status, manifest_header, manifest_summary, read_manifest
-from spherecli.images import (IMAGE_EXTENSIONS, MAX_PIXELS, as_rgb, decode, describe_error, fit_side,
-                              identity_of, oriented_size, walk_images)
-from spherecli.mtcnn import MTCNN
-from spherecli.outputs import Outputs, locked
-from spherecli.parallel import cpu_count, map_batches
-from spherecli.config import DetectSettings
+from spherecli.core.errors import UserError
+from spherecli.core.devices import resolve_device
+from spherecli.core.formats import (JsonlAppender, latest_status, manifest_header, manifest_summary,
+                                    read_manifest)
+from spherecli.core.images import (IMAGE_EXTENSIONS, MAX_PIXELS, as_rgb, decode, describe_error, fit_side,
+                                   identity_of, oriented_size, walk_images)
+from spherecli.preprocess.mtcnn import MTCNN
+from spherecli.core.outputs import Outputs, locked
+from spherecli.core.parallel import cpu_count, map_batches
+from spherecli.core.config import DetectSettings
 
 # A face whose box runs past the frame by more than this fraction of the image's
 # side is detected again on a padded copy; the copy gets this fraction of the
@@ -44,7 +45,8 @@ LEGACY_SETTINGS = {"border": "none"}
 
 
 class FaceDetector:
-    """MTCNN (spherecli/mtcnn.py) with the original settings, border handling and face selection."""
+    """MTCNN (spherecli/preprocess/mtcnn.py) with the original settings, border handling and face
+    selection."""
 
     def __init__(self, settings: DetectSettings | None = None, device: str = "cpu"):
         self.settings = settings or DetectSettings()

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spherecli import UserError
-from spherecli.data import load_face, to_chw
-from spherecli.features import prepare, to_onnx
-from spherecli.formats import InputSpec, onnx_sidecar, write_input_spec
-from spherecli.images import walk_images
+from spherecli.core.errors import UserError
+from spherecli.core.data import load_face, to_chw
+from spherecli.models.features import prepare, to_onnx
+from spherecli.core.formats import InputSpec, onnx_sidecar, write_input_spec
+from spherecli.core.images import walk_images
 from spherecli.models import load_model
-from spherecli.outputs import Outputs
+from spherecli.core.outputs import Outputs
 
 
 def check_batch(spec: InputSpec, check_dir: str | Path | None, n: int = 32) -> tuple[torch.Tensor, str]:

@@ -12,7 +12,7 @@ from functools import partial
 from itertools import islice
 from typing import Callable, Iterable, Iterator
 
-from spherecli import UserError
+from spherecli.core.errors import UserError
 
 
 def cpu_count() -> int:

@@ -10,7 +10,7 @@ A head's settings are its constructor's keyword arguments, named as the
 training options are (`margin`, `scale`, `lambda_hold`, ...), so the
 config's head table is passed to it as it is and a setting it does not
 take is an error. To add a head, write a class here, decorate it with
-`@HEADS.register` and declare its name in spherecli/registry.py.
+`@HEADS.register` and declare its name in spherecli/core/registry.py.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spherecli import UserError
-from spherecli.config import check_head
+from spherecli.core.errors import UserError
+from spherecli.core.config import check_head
 from spherecli.models.sphereface import caffe_xavier_
-from spherecli.registry import A_SOFTMAX_BACKWARD, HEADS
+from spherecli.core.registry import A_SOFTMAX_BACKWARD, HEADS
 
 EPS = 1e-12
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spherecli import UserError
-from spherecli.formats import InputSpec, ModelFile, parse_input_spec, torch_load
+from spherecli.core.errors import UserError
+from spherecli.core.formats import InputSpec, ModelFile, parse_input_spec, torch_load
 from spherecli.models import build_from
 from spherecli.models.sphereface import UNITS
-from spherecli.outputs import Outputs
-from spherecli.registry import IMPORT_FORMATS
+from spherecli.core.outputs import Outputs
+from spherecli.core.registry import IMPORT_FORMATS
 
 HEAD_LAYER = "fc6"  # the original's A-Softmax layer, which the feature network leaves out
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spherecli import UserError
-from spherecli.align import align_face
-from spherecli.data import load_face, to_chw
-from spherecli.config import DetectSettings
-from spherecli.detect import FaceDetector, select_face
-from spherecli.devices import resolve_device
-from spherecli.features import embed, feature_width, load_network
-from spherecli.images import IMAGE_EXTENSIONS, describe_error, walk_images
+from spherecli.core.errors import UserError
+from spherecli.preprocess.align import align_face
+from spherecli.core.data import load_face, to_chw
+from spherecli.core.config import DetectSettings
+from spherecli.preprocess.detect import FaceDetector, select_face
+from spherecli.core.devices import resolve_device
+from spherecli.models.features import embed, feature_width, load_network
+from spherecli.core.images import IMAGE_EXTENSIONS, describe_error, walk_images
 
 
 class FaceEmbedder:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from spherecli import UserError
-from spherecli.formats import summary_path, write_list, write_text_atomic
-from spherecli.images import identity_of, walk_images
-from spherecli.outputs import Outputs
+from spherecli.core.errors import UserError
+from spherecli.core.formats import summary_path, write_list, write_text_atomic
+from spherecli.core.images import identity_of, walk_images
+from spherecli.core.outputs import Outputs
 
 # CASIA-WebFace identities that are also in LFW; the original drops them so
 # that LFW stays unseen.

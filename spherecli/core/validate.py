@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from spherecli import UserError
+from spherecli.core.errors import UserError
 
 
 @dataclass(frozen=True)

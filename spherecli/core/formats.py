@@ -22,8 +22,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from spherecli import UserError, __version__, excerpt
-from spherecli.images import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, is_image_name
+from spherecli.core.errors import UserError, __version__, excerpt
+from spherecli.core.images import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, is_image_name
 
 MANIFEST_FORMAT = "spherecli.manifest"
 MANIFEST_VERSION = 1
@@ -266,7 +266,7 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
     Only tensors, numbers, strings, lists and dicts go in, so both kinds load
     with torch.load(weights_only=True). The caller has checked the path
-    (spherecli.outputs).
+    (spherecli.core.outputs).
     """
     import torch
 
@@ -339,7 +339,7 @@ class InputSpec:
     std: float = 128.0
 
     def __post_init__(self):
-        from spherecli.registry import CHANNEL_ORDERS, REFERENCES
+        from spherecli.core.registry import CHANNEL_ORDERS, REFERENCES
 
         try:
             self.size = tuple(int(v) for v in self.size)

@@ -4,7 +4,7 @@ names several benchmarks so that one `evaluate` runs them all.
 
 Every benchmark becomes the same thing: a pair list of 10 contiguous folds
 (Pairs, below) over named images, and a way to get the aligned crop
-of each name. The protocol that scores them is LFW's (spherecli.metrics).
+of each name. The protocol that scores them is LFW's (spherecli.evaluation.metrics).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from spherecli import UserError
-from spherecli.formats import read_toml
-from spherecli.registry import LFW_PATTERN
+from spherecli.core.errors import UserError
+from spherecli.core.formats import read_toml
+from spherecli.core.registry import LFW_PATTERN
 
 CFP_SPLITS = ("FF", "FP")
 

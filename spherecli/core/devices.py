@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from spherecli import UserError
+from spherecli.core.errors import UserError
 
 
 def resolve_device(text: str, what: str = "--device") -> str:

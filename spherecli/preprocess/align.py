@@ -16,13 +16,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from spherecli import UserError
-from spherecli.formats import is_manifest, read_landmark_file, read_manifest
-from spherecli.images import decode, describe_error, encode, is_image_name, write_atomic
-from spherecli.outputs import Outputs
-from spherecli.parallel import cpu_count, map_batches
-from spherecli.registry import NO_FACE_RULES, REFERENCES
-from spherecli.validate import Range
+from spherecli.core.errors import UserError
+from spherecli.core.formats import is_manifest, read_landmark_file, read_manifest
+from spherecli.core.images import decode, describe_error, encode, is_image_name, write_atomic
+from spherecli.core.outputs import Outputs
+from spherecli.core.parallel import cpu_count, map_batches
+from spherecli.core.registry import NO_FACE_RULES, REFERENCES
+from spherecli.core.validate import Range
 
 # The original's reference points for a 112 (rows) x 96 (columns) crop, (x, y).
 REFERENCE_112x96 = np.array(REFERENCES["sphereface"][1], dtype=np.float64)

@@ -1,8 +1,8 @@
 """Stage 5: verification on LFW view 2 and other benchmarks, as the original evaluation.m.
 
-Reads a benchmark's pairs (spherecli.benchmarks), extracts one feature per
+Reads a benchmark's pairs (spherecli.evaluation.datasets), extracts one feature per
 distinct image (or reads saved features), runs the protocol of
-spherecli.metrics and writes the result JSON, and on request the ROC picture,
+spherecli.evaluation.metrics and writes the result JSON, and on request the ROC picture,
 the per-pair scores and the features.
 Every output is checked for writability before the features are extracted,
 so a long run is never lost to a typo in a path.
@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from spherecli import UserError
-from spherecli.benchmarks import Benchmark, Pairs, decode_crops, distinct_images, fit_crops, read_pairs
-from spherecli.formats import load_features, result_path, save_features, write_result, write_scores
-from spherecli.metrics import calibrate, roc, verification
-from spherecli.outputs import Outputs
-from spherecli.registry import LFW_PATTERN
+from spherecli.core.errors import UserError
+from spherecli.evaluation.datasets import (Benchmark, Pairs, decode_crops, distinct_images, fit_crops,
+                                           read_pairs)
+from spherecli.core.formats import load_features, result_path, save_features, write_result, write_scores
+from spherecli.evaluation.metrics import calibrate, roc, verification
+from spherecli.core.outputs import Outputs
+from spherecli.core.registry import LFW_PATTERN
 
 
 def evaluate_features(features: np.ndarray, index: dict[str, int], pairs: Pairs,
@@ -95,7 +96,7 @@ def evaluate_many(benchmarks: list[Benchmark], model: str | Path, *, flip: str =
 
 
 def _network(model, device, amp, arch, input_spec, runtime):
-    from spherecli.features import load_network
+    from spherecli.models.features import load_network
 
     return load_network(model, device=device, amp=amp, arch=arch, input_spec=input_spec, runtime=runtime)
 
@@ -151,7 +152,7 @@ def _extract(bench: Benchmark, net, names: list[str], flip: str, batch_size: int
     decoded from the encoded images it holds and fitted to the network's input."""
     import torch
 
-    from spherecli.features import embed, extract
+    from spherecli.models.features import embed, extract
 
     if bench.data is not None:
         return extract(net, [str(bench.data / n) for n in names], flip=flip, batch_size=batch_size,
@@ -168,7 +169,7 @@ def write_outputs(result: dict, pairs: Pairs, output: Path, roc_png=None, scores
     write_result(output, result)
     result["output"] = str(output)
     if roc_png:
-        from spherecli.plot import roc_chart
+        from spherecli.evaluation.plot import roc_chart
 
         roc_chart(roc_png, {f"AUC {result['roc_auc']:.4f}": (result["roc"]["far"], result["roc"]["tar"])},
                   title=f"ROC on {pairs.name}")

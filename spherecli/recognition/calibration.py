@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from spherecli import UserError
-from spherecli.features import unit
-from spherecli.formats import result_path
-from spherecli.validate import COSINE, FRACTION
+from spherecli.core.errors import UserError
+from spherecli.models.features import unit
+from spherecli.core.formats import result_path
+from spherecli.core.validate import COSINE, FRACTION
 
 # The threshold of a model that was never evaluated, whose features are therefore
 # not centred either: on LFW, without mean subtraction, both CelebA-trained models

@@ -6,10 +6,10 @@ import inspect
 import json
 from pathlib import Path
 
-from spherecli import UserError
-from spherecli.config import load_config
-from spherecli.formats import RunFolder, read_log, result_path
-from spherecli.registry import HEADS
+from spherecli.core.errors import UserError
+from spherecli.core.config import load_config
+from spherecli.core.formats import RunFolder, read_log, result_path
+from spherecli.core.registry import HEADS
 
 
 def run_rows(run: Path) -> list[dict]:

@@ -8,12 +8,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from spherecli import UserError
-from spherecli.formats import IDENTITY_COLUMNS
-from spherecli.images import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, describe_error, encode, is_image_name,
-                              walk_images, write_atomic)
-from spherecli.outputs import Outputs
-from spherecli.recognize import FaceEmbedder
+from spherecli.core.errors import UserError
+from spherecli.core.formats import IDENTITY_COLUMNS
+from spherecli.core.images import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, describe_error, encode, is_image_name,
+                                   walk_images, write_atomic)
+from spherecli.core.outputs import Outputs
+from spherecli.recognition.recognize import FaceEmbedder
 
 def _frames(embedder: FaceEmbedder, probe: Path, every: int):
     """(source name, frame number or None, RGB image or the error reading it, its faces) for

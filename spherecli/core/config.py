@@ -1,5 +1,5 @@
 """Settings objects: detection's and training's, plain values with the original's as
-defaults, each field declaring its help and what it may be (spherecli.validate), so
+defaults, each field declaring its help and what it may be (spherecli.core.validate), so
 that the command line, TOML recipes and Python callers check alike.
 
 Kept free of torch so that `sphereface --help` stays instant.
@@ -11,10 +11,10 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from spherecli import UserError
-from spherecli.registry import (A_SOFTMAX_BACKWARD, AMP_MODES, BORDER_MODES, HEADS, NETWORKS, SELECT_RULES,
-                                STALL_ACTIONS)
-from spherecli.validate import COUNT, NOT_NEGATIVE_INT, Range, check_settings, check_value, setting
+from spherecli.core.errors import UserError
+from spherecli.core.registry import (A_SOFTMAX_BACKWARD, AMP_MODES, BORDER_MODES, HEADS, NETWORKS,
+                                     SELECT_RULES, STALL_ACTIONS)
+from spherecli.core.validate import COUNT, NOT_NEGATIVE_INT, Range, check_settings, check_value, setting
 
 
 def opt(default, help: str, range: Range | None = None, choices: tuple | None = None):
@@ -115,7 +115,7 @@ class TrainConfig:
 
 
 # The heads' settings, as flags and as keys of the [head] table. Each head takes
-# the ones its constructor names (spherecli/losses.py); others are an error.
+# the ones its constructor names (spherecli/training/heads.py); others are an error.
 HEAD_SETTINGS = {
     "margin": (float, "Margin m [default: A-Softmax 4, CosFace 0.35, ArcFace 0.5].", Range(0)),
     "scale": (float, "Feature scale s [default: CosFace/ArcFace 64; A-Softmax none, i.e. |x|; a "
@@ -233,7 +233,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
     before it, which belonged to the other head; a setting the final head
     does not take is an error.
     """
-    from spherecli.formats import read_toml  # here, so that `sphereface --help` loads no numpy
+    from spherecli.core.formats import read_toml  # here, so that `sphereface --help` loads no numpy
 
     layers = [(base or {}, "")]
     if path is not None:
@@ -286,7 +286,7 @@ def resolve(config_file: str | Path | None, overrides: dict, resume: bool) -> tu
     checkpoint when it has one, and starts from the beginning otherwise (a
     run stopped before its first snapshot).
     """
-    from spherecli.formats import RunFolder, read_toml
+    from spherecli.core.formats import RunFolder, read_toml
 
     cfg = absolute_paths(load_config(config_file, overrides))
     saved = RunFolder(cfg.out)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from spherecli import UserError, excerpt
-from spherecli.calibration import Calibration
-from spherecli.formats import write_npz
-from spherecli.images import describe_error, walk_images
-from spherecli.outputs import Outputs
-from spherecli.recognize import FaceEmbedder
+from spherecli.core.errors import UserError, excerpt
+from spherecli.recognition.calibration import Calibration
+from spherecli.core.formats import write_npz
+from spherecli.core.images import describe_error, walk_images
+from spherecli.core.outputs import Outputs
+from spherecli.recognition.recognize import FaceEmbedder
 
 
 def _file_key(path: Path) -> str:

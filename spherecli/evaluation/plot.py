@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spherecli import UserError
+from spherecli.core.errors import UserError
 
 
 def _pyplot():

@@ -17,10 +17,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from spherecli import UserError, excerpt
-from spherecli.data import FaceList, worker_errors
-from spherecli.devices import resolve_device
-from spherecli.formats import InputSpec, onnx_sidecar, parse_input_spec, read_input_spec
+from spherecli.core.errors import UserError, excerpt
+from spherecli.core.data import FaceList, worker_errors
+from spherecli.core.devices import resolve_device
+from spherecli.core.formats import InputSpec, onnx_sidecar, parse_input_spec, read_input_spec
 from spherecli.models import autocast_dtype, load_model
 
 

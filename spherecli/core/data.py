@@ -2,7 +2,7 @@
 
 Channel order is BGR, as in the original: Caffe's ImageData layer reads with
 OpenCV, and the Matlab evaluation swaps RGB to BGR before the forward pass.
-Images travel as uint8 and are scaled on the device (spherecli.features.prepare),
+Images travel as uint8 and are scaled on the device (spherecli.models.features.prepare),
 which quarters the bytes moved to a GPU.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from spherecli import UserError
-from spherecli.formats import ImageList, cache_key, cache_matches, write_cache_key
+from spherecli.core.errors import UserError
+from spherecli.core.formats import ImageList, cache_key, cache_matches, write_cache_key
 
 
 def load_face(path: str) -> np.ndarray:

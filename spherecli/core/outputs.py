@@ -18,9 +18,9 @@ import stat
 from contextlib import contextmanager
 from pathlib import Path
 
-from spherecli import UserError
-from spherecli.formats import KINDS, is_kind
-from spherecli.images import is_image_name
+from spherecli.core.errors import UserError
+from spherecli.core.formats import KINDS, is_kind
+from spherecli.core.images import is_image_name
 
 
 class Outputs:

@@ -1,0 +1,1 @@
+"""spherecli.core: file layouts, settings and plumbing below every stage."""

@@ -1,0 +1,1 @@
+"""spherecli.evaluation: evaluation: the protocol, the verification sets, metrics, reports and plots."""

@@ -1,0 +1,1 @@
+"""spherecli.recognition: a model used on photos: embedding, calibration, galleries, identification."""

@@ -1,0 +1,1 @@
+"""spherecli.training: training: the trainer and the margin heads."""
