@@ -142,14 +142,11 @@ def training_speed(device, arch: str, batch: int, iters: int, classes: int) -> l
     def trainer(amp, channels_last, compiled=False):
         torch.manual_seed(0)
         cfg = TrainConfig(arch=arch, amp=amp, channels_last=channels_last, batch_size=batch, lr=0.01,
-                          warmup=0, max_iter=10 ** 6, device=device.type)
+                          warmup=0, max_iter=10 ** 6, device=device.type, compile=compiled)
         trainee = Trainee(create_model(arch), create_head("asoftmax", 512, classes)).to(device)
         if channels_last:
             trainee.to(memory_format=torch.channels_last)
-        t = Trainer(cfg, trainee, InputSpec(), ImageList([""] * classes, range(classes)), device=device)
-        if compiled:
-            t.trainee.backbone = torch.compile(t.trainee.backbone)
-        return t
+        return Trainer(cfg, trainee, InputSpec(), ImageList([""] * classes, range(classes)), device=device)
 
     for amp in ("none", "bf16", "fp16"):
         for channels_last in (False, True):

@@ -9,20 +9,18 @@ align, evaluate, train, Model, ...) is imported on first use, so that `spherefac
 and `import spherecli` stay free of torch.
 """
 
-from spherecli.core.errors import Interrupted, UserError, __version__  # noqa: F401
+import importlib
 
-_API = ("DetectSettings", "Face", "Gallery", "Match", "Model", "TrainConfig", "Verification", "align",
-        "detect", "evaluate", "load", "train")
+from spherecli.core.errors import Interrupted, UserError, __version__  # noqa: F401
 
 
 def __getattr__(name):
-    if name in _API:
-        from spherecli import api
-
-        return getattr(api, name)
+    if not name.startswith("_"):  # dunder lookups (inspect, pickle) do not load torch
+        api = importlib.import_module("spherecli.api")
+        if name in api.__all__:
+            return getattr(api, name)
     raise AttributeError(f"module 'spherecli' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_API))
-
+    return sorted(list(globals()) + list(importlib.import_module("spherecli.api").__all__))

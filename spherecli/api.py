@@ -29,7 +29,7 @@ import numpy as np
 
 from spherecli.core.errors import UserError
 from spherecli.recognition.calibration import Calibration
-from spherecli.core.config import DetectSettings, TrainConfig
+from spherecli.core.config import DetectSettings, EvalSettings, TrainConfig
 from spherecli.core.images import as_rgb, decode, describe_error
 
 
@@ -247,12 +247,15 @@ def load(path: str | Path, **options) -> Model:
     return Model(path, **options)
 
 
-def evaluate(pairs: str | Path, model: str | Path, data: str | Path, **options) -> dict:
+def evaluate(pairs: str | Path, model: str | Path, data: str | Path, settings: EvalSettings | None = None,
+             **outputs) -> dict:
     """The verification protocol (LFW's evaluation.m) of a model on a pair list and a folder
-    of aligned crops; options as `spherecli.evaluation.evaluate.evaluate`'s. Returns every number."""
+    of aligned crops; outputs (output, roc_png, scores_csv, save_features_to, pattern) as
+    `spherecli.evaluation.evaluate.evaluate`'s. Returns every number."""
     from spherecli.evaluation.evaluate import evaluate as run
 
-    return run(pairs, model=model, data=data, progress=options.pop("progress", False), **options)
+    return run(pairs, model=model, data=data, settings=settings, progress=outputs.pop("progress", False),
+               **outputs)
 
 
 def train(config: TrainConfig | dict | str | Path, resume: bool = False, progress: bool = False) -> dict:
@@ -270,5 +273,5 @@ def train(config: TrainConfig | dict | str | Path, resume: bool = False, progres
     return launch(cfg, resuming, progress)
 
 
-__all__ = ["DetectSettings", "Face", "Gallery", "Match", "Model", "TrainConfig", "Verification", "align",
-           "detect", "evaluate", "load", "train"]
+__all__ = ["DetectSettings", "EvalSettings", "Face", "Gallery", "Match", "Model", "TrainConfig",
+           "Verification", "align", "detect", "evaluate", "load", "train"]

@@ -4,16 +4,18 @@ place (main) where an expected failure becomes a single `error:` line."""
 from __future__ import annotations
 
 import sys
+from dataclasses import MISSING
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from spherecli.core.config import EVAL_FIELDS, EvalSettings, field_type
 from spherecli.core.errors import Interrupted, UserError, __version__
-from spherecli.core.registry import (AMP_MODES, FLIP_MODES, IMPORT_FORMATS, LFW_PATTERN, NO_FACE_RULES,
-                                     REFERENCES, RUNTIMES, SELECT_RULES)
-from spherecli.core.validate import COSINE, COUNT, FRACTION, NOT_NEGATIVE_INT, Range
+from spherecli.core.registry import (IMPORT_FORMATS, LFW_PATTERN, NO_FACE_RULES,
+                                     REFERENCES, SELECT_RULES)
+from spherecli.core.validate import COSINE, COUNT, FRACTION, Range
 
 # Tables and notes: as wide as a terminal, or 200 columns into a file or pipe (not 80).
 console = Console(stderr=True, soft_wrap=True, highlight=False, width=None if sys.stderr.isatty() else 200)
@@ -87,11 +89,6 @@ FILE = click.Path(dir_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 EXISTING_FOLDER = click.Path(file_okay=False, exists=True, path_type=Path)
 quiet = click.option("-q", "--quiet", is_flag=True, help="No progress display.")
-device = click.option("--device", default="cpu", help="cpu, cuda or cuda:N.")
-input_spec = click.option("--input-spec", help="For an ONNX model: the input it takes, as a preset "
-                          "(insightface: 112x112 RGB, ArcFace points, (x - 127.5) / 127.5; sphereface), a "
-                          "JSON file, or key=value pairs (size, reference, channels, mean, std).  "
-                          "[default: MODEL.onnx.json]")
 select = click.option("--select", type=click.Choice(SELECT_RULES), default="center",
                       help="Which face of a photo with several: nearest the centre (the original), "
                            "largest, most confident.")
@@ -105,10 +102,6 @@ threads = click.option("--threads", type=Number(COUNT), default=1, help="CPU thr
                        "while other work shares them (docs/benchmarks.md).")
 
 
-def flip(default: str):
-    return click.option("--flip", type=click.Choice(FLIP_MODES), default=default,
-                        help="An image's feature with its mirror's: concatenated (the original), summed, "
-                             "or alone.")
 
 
 def scoring(fn):
@@ -143,13 +136,11 @@ def cli():
     """
 
 
-def field_option(f, type_=None):
+def field_option(f, type_=None, default=MISSING):
     """A settings dataclass field as a click option: its flag, default, help, and its range or
     choices as the option's type, so that both check the same way."""
-    from spherecli.core.config import field_type
-
     flag = "--" + f.name.replace("_", "-")
-    default, meta = f.default, f.metadata
+    default, meta = f.default if default is MISSING else default, f.metadata
     if isinstance(default, bool):
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=default, help=meta["help"])
     if type_ is None:
@@ -162,6 +153,15 @@ def field_option(f, type_=None):
         default = None  # an empty path would be checked as one
     return click.option(flag, f.name, type=type_, default=default, show_default=default not in (None, ""),
                         help=meta["help"])
+
+
+# Options that the recognition commands share with evaluate's settings.
+device = field_option(EVAL_FIELDS["device"])
+input_spec = field_option(EVAL_FIELDS["input_spec"])
+
+
+def flip(default: str):
+    return field_option(EVAL_FIELDS["flip"], default=default)
 
 
 def settings_options(cls, types: dict | None = None):
@@ -340,30 +340,16 @@ def train(ctx, config_file, resume, list_archs, quiet, **values):
 @click.option("--save-features", type=OutputPath("features"), help="Write image names and features to this "
               ".npz.")
 @click.option("--pattern", default=LFW_PATTERN, help="Image path of (name, number) under --data.")
-@flip("concat")
-@click.option("--mean-subtract/--no-mean-subtract", default=True,
-              help="Subtract the other folds' mean feature before the cosine (original: yes).")
-@click.option("--skip-missing", is_flag=True, help="Score pairs with a missing image as failures.")
-@click.option("--arch", help="Expected network; a checkpoint of another one is refused.")
-@input_spec
+@settings_options(EvalSettings)
 @click.option("-o", "--output", type=OutputPath("result"), help="Result JSON.  [default: MODEL.lfw.json for "
               "LFW's own pairs "
               "(the calibration verify and identify use), MODEL.<pairs file name>.json for others]")
 @click.option("--roc", type=OutputPath("png"), help="Also draw the ROC curve into this PNG.")
 @click.option("--scores", type=OutputPath("scores"), help="Also write every pair's held-out score into this "
               "CSV.")
-@device
-@click.option("--amp", type=click.Choice(AMP_MODES), default="none", help="Extract in reduced precision: "
-              "faster, LFW within 0.1 points (docs/benchmarks.md); none is fp32, as the original.")
-@click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", help="What runs a model file: "
-              "PyTorch, or onnxruntime; auto takes onnxruntime on the CPU in fp32 for networks measured "
-              "faster there (MobileFaceNet), with the same features.")
-@click.option("--batch-size", default=128, type=Number(COUNT), help="Images per forward pass.")
-@click.option("--workers", default=2, type=Number(NOT_NEGATIVE_INT), help="DataLoader worker processes.")
 @quiet
-def evaluate(pairs, benchmarks_file, names, model, data, features, save_features, pattern, flip,
-             mean_subtract, skip_missing, arch, input_spec, output, roc, scores, device, amp, runtime,
-             batch_size, workers, quiet):
+def evaluate(pairs, benchmarks_file, names, model, data, features, save_features, pattern, output, roc,
+             scores, quiet, **settings):
     """Verification accuracy on a pair list (LFW view 2), as the original evaluation.m, or
     on several benchmarks at once.
 
@@ -385,10 +371,8 @@ def evaluate(pairs, benchmarks_file, names, model, data, features, save_features
         if given:
             raise UserError(f"--benchmarks names each benchmark's pairs and crops, and writes "
                             f"MODEL.<name>.json for each; {', '.join(given)} cannot go with it")
-        results = evaluate_many(load_benchmarks(benchmarks_file, list(names)), model, flip=flip,
-                                mean_subtract=mean_subtract, skip_missing=skip_missing, arch=arch,
-                                input_spec=input_spec, batch_size=batch_size, workers=workers, device=device,
-                                amp=amp, runtime=runtime, progress=not quiet)
+        results = evaluate_many(load_benchmarks(benchmarks_file, list(names)), model,
+                                EvalSettings(**settings), progress=not quiet)
         table = Table(*SUMMARY_COLUMNS)
         for result in results:
             table.add_row(*summary_row(result))
@@ -397,11 +381,9 @@ def evaluate(pairs, benchmarks_file, names, model, data, features, save_features
         return
     if pairs is None:
         raise UserError("give --pairs (with --model and --data, or --features), or --benchmarks")
-    result = run(pairs, model=model, data=data, features=features, save_features_to=save_features,
-                 output=output, roc_png=roc, scores_csv=scores, pattern=pattern, flip=flip,
-                 mean_subtract=mean_subtract, skip_missing=skip_missing, arch=arch, input_spec=input_spec,
-                 batch_size=batch_size, workers=workers, device=device, amp=amp, runtime=runtime,
-                 progress=not quiet)
+    result = run(pairs, model=model, data=data, features=features, settings=EvalSettings(**settings),
+                 pattern=pattern, output=output, roc_png=roc, scores_csv=scores,
+                 save_features_to=save_features, progress=not quiet)
     table = Table("fold", "ACC (%)")
     for row in fold_table(result):
         table.add_row(*row)

@@ -3,6 +3,7 @@ tests that need it skip, saying why, when it is absent."""
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,22 @@ def synthetic_list(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("synthetic")
     build_list([write_synthetic_faces(work / "aligned")], work / "train.txt")
     return work / "train.txt"
+
+
+def sphereface_here(args) -> int:
+    """`sphereface ARGS` in this process, through cli.main (its error boundary and exit
+    statuses), so that one import of torch serves many calls; the exit status."""
+    import torch
+
+    from spherecli.cli import main
+
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = ["sphereface", *map(str, args)]
+    try:
+        main()
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)  # the recognition commands set one thread for the process

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from spherecli import UserError
+from spherecli.core.config import EvalSettings
 from spherecli.evaluation.datasets import Benchmark, Pairs, load_benchmarks, read_bin, read_cfp
 from spherecli.evaluation.evaluate import run_benchmark
 from spherecli.core.formats import InputSpec, ModelFile, save_features
@@ -93,7 +94,8 @@ def test_protocol_on_cfp_shaped_pairs_with_a_known_answer(tmp_path):
     feats[100:] = np.stack([cos, np.sqrt(1 - cos ** 2)], 1)
     save_features(tmp_path / "f.npz", names, feats, flip="none")
     pairs = Pairs(10, 5, names[:100], names[100:], same, "cfp-fp")
-    result = run_benchmark(Benchmark("cfp-fp", pairs), features=tmp_path / "f.npz", mean_subtract=False)
+    result = run_benchmark(Benchmark("cfp-fp", pairs), EvalSettings(mean_subtract=False),
+                           features=tmp_path / "f.npz")
     assert [f["accuracy"] for f in result["folds"]] == [1.0, 1.0, 0.9] + [1.0] * 7
     assert result["mean"] == pytest.approx(0.99) and result["roc_auc"] < 1.0
 

@@ -16,18 +16,17 @@ import hashlib
 import math
 import os
 import shutil
-import sys
 
 import cv2
 import pytest
 import torch
 
-from spherecli.cli import Number, OutputPath, cli, main
+from spherecli.cli import Number, OutputPath, cli
 from spherecli.core.formats import InputSpec, ModelFile
 from spherecli.core.images import walk_images
 from spherecli.models import create_model
 
-from conftest import DATA, write_synthetic_faces
+from conftest import DATA, sphereface_here as call, write_synthetic_faces
 
 # One working call per command, on the files of `work`; {o} is a fresh folder per call.
 BASE = {
@@ -86,20 +85,6 @@ def work(tmp_path_factory):
     assert call(f"train --list {w}/list.txt --arch sphere4 --out {w}/run --max-iter 1 --batch-size 4 "
                 f"--workers 0 --device cpu -q".split()) == 0
     return w
-
-
-def call(args: list[str]) -> int:
-    """`sphereface ARGS` in this process; its exit status."""
-    argv, threads = sys.argv, torch.get_num_threads()
-    sys.argv = ["sphereface", *args]
-    try:
-        main()
-        return 0
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
-        torch.set_num_threads(threads)  # the recognition commands set one thread for the process
 
 
 def snapshot(root):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from spherecli import UserError
+from spherecli.core.config import EvalSettings
 from spherecli.evaluation.datasets import read_pairs
 from spherecli.evaluation.evaluate import evaluate
 from spherecli.evaluation.metrics import THRESHOLDS, accuracy, best_threshold, roc, verification
@@ -161,8 +162,8 @@ def test_end_to_end_on_real_lfw_pairs(lfw_subset, tmp_path):
     # Saved features give the same numbers without the model.
     again = evaluate(w / "pairs.txt", features=tmp_path / "f.npz", progress=False)
     assert [f["accuracy"] for f in again["folds"]] == [f["accuracy"] for f in result["folds"]]
-    summed = evaluate(w / "pairs.txt", model=w / "model.pt", data=w / "aligned", flip="sum",
-                      mean_subtract=False, workers=0, progress=False)
+    summed = evaluate(w / "pairs.txt", model=w / "model.pt", data=w / "aligned",
+                      settings=EvalSettings(flip="sum", mean_subtract=False, workers=0), progress=False)
     assert summed["settings"] == {**result["settings"], "flip": "sum", "mean_subtract": False}
 
 
@@ -176,7 +177,7 @@ def test_bf16_features_stay_close_to_fp32(lfw_subset, tmp_path):
     # Saved features remember their precision; evaluating them reports it.
     saved = tmp_path / "bf16.npz"
     evaluate(lfw_subset / "pairs.txt", model=lfw_subset / "model.pt", data=lfw_subset / "aligned",
-             amp="bf16", save_features_to=saved, workers=0, progress=False)
+             settings=EvalSettings(amp="bf16", workers=0), save_features_to=saved, progress=False)
     again = evaluate(lfw_subset / "pairs.txt", features=saved, progress=False)
     assert again["settings"]["amp"] == "bf16"
 
@@ -191,15 +192,15 @@ def test_missing_images_and_wrong_architecture(lfw_subset, tmp_path):
         with pytest.raises(UserError, match=f"(?s)1 pair images are missing.*{pairs.left[0]}"):
             evaluate(w / "pairs.txt", model=w / "model.pt", data=w / "aligned", progress=False)
         result = evaluate(w / "pairs.txt", model=w / "model.pt", data=w / "aligned",
-                          skip_missing=True, workers=0, progress=False)
+                          settings=EvalSettings(skip_missing=True, workers=0), progress=False)
         assert result["missing"] == 1
         failures = sum(np.isnan(result["scores"]))
         assert failures == sum(1 for a, b in zip(pairs.left, pairs.right) if pairs.left[0] in (a, b))
     finally:
         victim.write_bytes(kept)
     with pytest.raises(UserError, match="holds a sphere4 network, not sphere20"):
-        evaluate(w / "pairs.txt", model=w / "model.pt", data=w / "aligned", arch="sphere20",
-                 progress=False)
+        evaluate(w / "pairs.txt", model=w / "model.pt", data=w / "aligned",
+                 settings=EvalSettings(arch="sphere20"), progress=False)
     broken = torch.load(w / "model.pt", weights_only=True)
     broken["arch"] = "sphere10"
     torch.save(broken, tmp_path / "broken.pt")

@@ -304,9 +304,8 @@ def test_onnx_model_gives_the_features_of_pytorch(tmp_path, arch):
 
 def test_published_mobilefacenet_through_the_whole_pipeline_on_lfw(data, tmp_path):
     """detect -> align -> evaluate of the published CASIA MobileFaceNet on all 6,000 LFW
-    pairs (about 4 minutes). The floor is under the maintainers' 98.77% (their code, our
-    detect with the border handling on LFW); this machine never had the checkpoint, so it
-    is theirs, to be raised to just under this pipeline's own figure once measured."""
+    pairs (about 4 minutes). Measured 98.80% (docs/results.md); the floor leaves 12 pairs of
+    6,000 for another CPU's float rounding in MTCNN and the network."""
     ckpts = sorted((MODELS / "mobilefacenet-casia").glob("*.ckpt"))
     if not ckpts:
         pytest.skip(f"the published MobileFaceNet checkpoint is not at {MODELS / 'mobilefacenet-casia'}")
@@ -320,7 +319,7 @@ def test_published_mobilefacenet_through_the_whole_pipeline_on_lfw(data, tmp_pat
     result = evaluate(data / "pairs.txt", model=tmp_path / "mobilefacenet.pt", data=tmp_path / "lfw-112X96",
                       progress=False)
     assert result["benchmark"] == "lfw" and result["missing"] == 0
-    assert result["mean"] >= 0.985, result["mean"]
+    assert result["mean"] >= 0.986, result["mean"]
 
 
 def test_runtime_auto_runs_mobilefacenet_through_onnxruntime_with_the_same_features(tmp_path):

@@ -162,7 +162,8 @@ def test_bad_head_options():
 
 def test_every_head_setting_is_a_training_option():
     """The flags and [head] keys of config.HEAD_SETTINGS are exactly what the heads take."""
-    from spherecli.core.config import HEAD_SETTINGS, head_options
+    from spherecli.core.config import HEAD_SETTINGS
+    from spherecli.training.heads import head_settings
 
-    taken = {option for name in HEADS.names for option in head_options(name)}
+    taken = {option for name in HEADS.names for option in head_settings(name)}
     assert taken == set(HEAD_SETTINGS)

@@ -17,7 +17,7 @@ import torch
 from spherecli.core.formats import InputSpec, ModelFile
 from spherecli.models import create_model
 
-from conftest import write_synthetic_faces
+from conftest import sphereface_here, write_synthetic_faces
 
 SPHEREFACE = [sys.executable, "-m", "spherecli"]
 NO_GPU = not torch.cuda.is_available()
@@ -181,14 +181,14 @@ if NO_GPU:
 
 @pytest.mark.parametrize("command, message", MISTAKES,
                          ids=[f"{m[0].split()[0]}:{m[1][:40]}" for m in MISTAKES])
-def test_mistake_is_one_clear_line(work, command, message):
+def test_mistake_is_one_clear_line(work, command, message, capsys):
     first = sorted(os.listdir(work / "raw"))[0]
     before = snapshot(work)
     args = command.format(w=work, first=f"{first}/{first}_0001.jpg").split()
-    r = subprocess.run(SPHEREFACE + args, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    status, err = sphereface_here(args), capsys.readouterr().err
+    assert status == 2, (status, err[-2000:])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
     assert message in lines[0], lines[0]
     after = snapshot(work)
     assert {p: h for p, h in after.items() if p in before} == before, "an existing file changed"

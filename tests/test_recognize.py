@@ -256,3 +256,51 @@ def test_a_photo_is_detected_as_detect_does_large_ones_downscaled(model, data, t
     (record,) = list(records)
     assert record["scale"] < 1
     assert np.allclose([f["landmarks"] for f in faces], [f["landmarks"] for f in record["all"]])
+
+
+def test_embed_of_a_photo_is_detect_align_evaluate_of_it(model, data, tmp_path):
+    """One path from photo to feature: `embed` of raw photos gives the features that
+    detect -> align -> evaluate --save-features give (PNG, so no JPEG between them)."""
+    people = sorted(p for p in (data / "wild").iterdir())[:2]
+    raw = tmp_path / "raw"
+    for person in people:
+        (raw / person.name).mkdir(parents=True)
+        for i, photo in enumerate(sorted(person.iterdir())[:2], 1):
+            cv2.imwrite(str(raw / person.name / f"{person.name}_{i:04d}.png"), cv2.imread(str(photo)))
+    a, b = (p.name for p in people)
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("10 1\n" + f"{a}\t1\t2\n{a}\t1\t{b}\t1\n" * 10)
+
+    def run(*args):
+        subprocess.run(SPHEREFACE + [*map(str, args), "-q"], check=True, capture_output=True)
+
+    run("detect", raw, "-o", tmp_path / "m.jsonl")
+    run("align", tmp_path / "m.jsonl", "-o", tmp_path / "crops")
+    run("evaluate", "--pairs", pairs, "--model", model, "--data", tmp_path / "crops",
+        "-o", tmp_path / "r.json", "--pattern", "{name}/{name}_{num:04d}.png",
+        "--save-features", tmp_path / "pipeline.npz")
+    run("embed", raw, "-o", tmp_path / "embed.npz", "--model", model)
+    pipeline, embedded = np.load(tmp_path / "pipeline.npz"), np.load(tmp_path / "embed.npz")
+    by_name = dict(zip(embedded["names"], embedded["features"]))
+    assert len(pipeline["names"]) == 3  # a_1, a_2, b_1
+    for name, feature in zip(pipeline["names"], pipeline["features"]):
+        np.testing.assert_allclose(by_name[name], feature, rtol=1e-4, atol=1e-4)
+
+
+def test_the_readme_python_section_runs_as_written(model, wild_split, tmp_path, monkeypatch, capsys):
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "out/demo/celeba-sphere4-asoftmax").mkdir(parents=True)
+    (tmp_path / "out/demo/celeba-sphere4-asoftmax/model.pt").symlink_to(model)
+    (tmp_path / "people").symlink_to(wild_split / "gallery")
+    person = sorted((wild_split / "probe").iterdir())[0]
+    a, b = sorted(person.iterdir())[:2]
+    for name, photo in (("a.jpg", a), ("b.jpg", b), ("party.jpg", a)):
+        (tmp_path / name).symlink_to(photo)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("Model(") and "same=" in printed[1]
+    names = {p.name for p in (wild_split / "gallery").iterdir()} | {"unknown"}
+    assert printed[2:] and all(line.split()[0] in names for line in printed[2:]), printed

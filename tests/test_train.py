@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,8 +57,8 @@ def test_short_training_run_lowers_the_loss(synthetic_list, tmp_path, head):
 
 def test_killed_run_resumes_onto_the_uninterrupted_curve(synthetic_list, tmp_path):
     options = ["--list", str(synthetic_list), "--arch", "sphere4", "--batch-size", "16", "--workers",
-               "0", "--cache", "--display", "1", "--snapshot", "5", "--max-iter", "60",
-               "--device", "cpu", "--lr", "0.01", "--lr-steps", "30", "-q"]
+               "0", "--cache", "--display", "1", "--snapshot", "5", "--max-iter", "30",
+               "--device", "cpu", "--lr", "0.01", "--lr-steps", "15", "-q"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     subprocess.run([sys.executable, "-m", "spherecli", "train", "--out", str(whole)] + options,
                    check=True)
@@ -69,12 +70,12 @@ def test_killed_run_resumes_onto_the_uninterrupted_curve(synthetic_list, tmp_pat
     proc.wait()
     assert not (broken / "model.pt").exists(), "the run finished before it could be killed"
     killed_at = torch.load(broken / "checkpoint.pt", weights_only=True)["iteration"]
-    assert killed_at < 60
+    assert killed_at < 30
     subprocess.run([sys.executable, "-m", "spherecli", "train", "--out", str(broken), "--resume",
                     "-q"], check=True)
     a, b = log_rows(whole), log_rows(broken)
     resumed = {r["iter"]: r["loss"] for r in b if r["iter"] > killed_at}
-    assert len(resumed) == 60 - killed_at
+    assert len(resumed) == 30 - killed_at
     for r in a:
         if r["iter"] in resumed:
             assert resumed[r["iter"]] == pytest.approx(r["loss"], rel=1e-5, abs=1e-6)
@@ -82,7 +83,7 @@ def test_killed_run_resumes_onto_the_uninterrupted_curve(synthetic_list, tmp_pat
         torch.testing.assert_close(weights(broken / "model.pt")[k], v, rtol=1e-5, atol=1e-6)
     # Curves and summaries see each iteration once, the redone ones as redone.
     rows = read_log(broken / "log.jsonl")
-    assert [r["iter"] for r in rows] == list(range(1, 61))
+    assert [r["iter"] for r in rows] == list(range(1, 31))
     assert all(r["loss"] == resumed[r["iter"]] for r in rows if r["iter"] > killed_at)
 
 
@@ -94,8 +95,10 @@ def test_two_gloo_processes_make_the_update_of_one_process_on_both_batches(synth
     init = weights(tmp_path / "init" / "model.pt")
     one, two = weights(tmp_path / "one" / "model.pt"), weights(tmp_path / "two" / "model.pt")
     assert not torch.equal(one["fc5.weight"], init["fc5.weight"]), "two steps at lr 0.1 must move"
+    # Gloo sums the two halves' gradients in another order than one batch does: float32
+    # rounding moves a weight by ~1e-6 (CI saw 2.4e-6), while a wrong update moves it by ~1e-2.
     for k, v in one.items():
-        torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5)
     assert log_rows(tmp_path / "two")[-1]["loss"] == pytest.approx(log_rows(tmp_path / "one")[-1]["loss"],
                                                                   rel=1e-4)
     # The same two processes reading one cache file, which rank 0 makes while rank 1 waits.
@@ -178,9 +181,10 @@ def test_head_settings_belong_to_the_head(tmp_path):
     assert load_config(tmp_path / "saved.toml") == cfg
     # Another head on the command line drops the recipe's A-Softmax settings...
     assert load_config(recipe, {"head": {"type": "softmax"}}).head_args == {}
-    # ...but a setting given with it must be one it takes.
+    # ...but a setting given with it must be one it takes, said before any work.
+    cfg = load_config(None, {"head": {"type": "cosface", "lambda_hold": 400}, "list": "absent.txt"})
     with pytest.raises(UserError, match=r"cosface head does not take lambda_hold \(it takes: scale, "):
-        load_config(None, {"head": {"type": "cosface", "lambda_hold": 400}})
+        launch(cfg)
     # Recipes and run configs from before the [head] table read the same.
     old = tmp_path / "old.toml"
     old.write_text('head = "cosface"\nmargin = 0.4\nlambda_base = 1000.0\nlambda_hold = 0\n'
@@ -323,3 +327,18 @@ def test_the_image_cache_file_gives_the_batches_of_the_jpegs(synthetic_list, tmp
     b = launch(run_cfg(synthetic_list, tmp_path / "file", amp="none", max_iter=10, cache=False,
                        cache_file=str(tmp_path / "train.npy")))
     assert a["loss"] == b["loss"]
+
+
+def test_a_compiled_run_writes_a_plain_model_and_resumes(synthetic_list, tmp_path):
+    """torch.compile's wrapper prefixed every key with _orig_mod.: model.pt did not load."""
+    from spherecli import load
+
+    out = tmp_path / "compiled"
+    launch(run_cfg(synthetic_list, out, batch_size=8, max_iter=2, snapshot=1, compile=True))
+    saved = weights(out / "model.pt")
+    assert not any(k.startswith("_orig_mod.") for k in saved), sorted(saved)[:3]
+    model = load(out / "model.pt")
+    assert model.embed(np.zeros((112, 96, 3), np.uint8)).shape == (1024,)  # flip: concat
+    launch(run_cfg(synthetic_list, out, batch_size=8, max_iter=3, snapshot=1, compile=True), resume=True)
+    assert Checkpoint.load(out / "checkpoint.pt").iteration == 3
+    assert [r["iter"] for r in log_rows(out)] == [1, 2, 3]

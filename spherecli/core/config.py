@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from spherecli.core.errors import UserError
-from spherecli.core.registry import (A_SOFTMAX_BACKWARD, AMP_MODES, BORDER_MODES, HEADS, NETWORKS,
-                                     SELECT_RULES, STALL_ACTIONS)
+from spherecli.core.registry import (A_SOFTMAX_BACKWARD, AMP_MODES, BORDER_MODES, FLIP_MODES, HEADS,
+                                     NETWORKS, RUNTIMES, SELECT_RULES, STALL_ACTIONS)
 from spherecli.core.validate import COUNT, NOT_NEGATIVE_INT, Range, check_settings, check_value, setting
 
 
@@ -56,6 +56,36 @@ class DetectSettings:
         d = asdict(self)
         d["thresholds"] = list(self.thresholds)
         return d
+
+
+@dataclass
+class EvalSettings:
+    """How `evaluate` makes features and scores them, for every benchmark of a call. Each
+    field's help and range are the `evaluate` option's."""
+    flip: str = setting("concat", "An image's feature with its mirror's: concatenated (the original), "
+                        "summed, or alone.", choices=FLIP_MODES)
+    mean_subtract: bool = setting(True, "Subtract the other folds' mean feature before the cosine "
+                                  "(original: yes).")
+    skip_missing: bool = setting(False, "Score pairs with a missing image as failures.")
+    arch: str | None = setting(None, "Expected network; a checkpoint of another one is refused.")
+    input_spec: str | None = setting(None, "For an ONNX model: the input it takes, as a preset (insightface: "
+                                     "112x112 RGB, ArcFace points, (x - 127.5) / 127.5; sphereface), a JSON "
+                                     "file, or key=value pairs (size, reference, channels, mean, std).  "
+                                     "[default: MODEL.onnx.json]")
+    device: str = setting("cpu", "cpu, cuda or cuda:N.")
+    amp: str = setting("none", "Extract in reduced precision: faster, LFW within 0.1 points "
+                       "(docs/benchmarks.md); none is fp32, as the original.", choices=AMP_MODES)
+    runtime: str = setting("auto", "What runs a model file: PyTorch, or onnxruntime; auto takes "
+                           "onnxruntime on the CPU in fp32 for networks measured faster there "
+                           "(MobileFaceNet), with the same features.", choices=RUNTIMES)
+    batch_size: int = setting(128, "Images per forward pass.", COUNT)
+    workers: int = setting(2, "DataLoader worker processes.", NOT_NEGATIVE_INT)
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+EVAL_FIELDS = {f.name: f for f in fields(EvalSettings)}
 
 
 @dataclass
@@ -131,6 +161,7 @@ HEAD_SETTINGS = {
                                      "docs/training.md) [exact].", None),
 }
 
+# What run configs written before the [head] table held for every head, whichever it was.
 LEGACY_DEFAULTS = {"lambda_base": 1000.0, "lambda_gamma": 0.12, "lambda_power": 1.0, "lambda_min": 5.0,
                    "lambda_hold": 0, "backward": "exact"}
 
@@ -219,9 +250,9 @@ def _layer(values: dict, where: str) -> tuple[dict, str | None, dict]:
     if head is not None:
         head = _typed("head", head, HEADS.names, where)
         if legacy:
-            # Old run configs wrote every head setting, at its default, whatever the head.
-            takes = head_options(head)
-            settings = {k: v for k, v in settings.items() if k in takes or LEGACY_DEFAULTS.get(k) != v}
+            # Old run configs wrote every head setting, at its default, whatever the head:
+            # a value that is what those versions wrote by default is theirs, not the user's.
+            settings = {k: v for k, v in settings.items() if LEGACY_DEFAULTS.get(k) != v}
     return {k: _coerce(k, v, where) for k, v in values.items() if v is not None}, head, settings
 
 
@@ -230,8 +261,9 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
     """Defaults <- base (a resumed run's config) <- TOML file <- overrides (the command line).
 
     A layer that names another head drops the head settings of the layers
-    before it, which belonged to the other head; a setting the final head
-    does not take is an error.
+    before it, which belonged to the other head. Whether the final head takes
+    its settings is the head's to say (training/heads.py, check_head), when a
+    run starts.
     """
     from spherecli.core.formats import read_toml  # here, so that `sphereface --help` loads no numpy
 
@@ -246,23 +278,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None,
         if kind is not None and kind != head:
             head, settings = kind, {}
         settings.update(given)
-    check_head(head, settings)
     return TrainConfig(**options, head=head, head_args=settings)
-
-
-def head_options(head: str) -> tuple[str, ...]:
-    """The settings a head takes: its constructor's keyword arguments."""
-    import inspect
-
-    return tuple(p for p in inspect.signature(HEADS.get(head)).parameters
-                 if p not in ("self", "feature_dim", "num_classes"))
-
-
-def check_head(head: str, settings: dict) -> None:
-    extra = sorted(set(settings) - set(head_options(head)))
-    if extra:
-        takes = ", ".join(head_options(head)) or "no settings"
-        raise UserError(f"the {head} head does not take {', '.join(extra)} (it takes: {takes})")
 
 
 def to_toml(cfg: TrainConfig) -> str:

@@ -6,7 +6,9 @@
 - model file and training checkpoint (`model.pt`, `checkpoint.pt`), and the input spec
   of a network (in a model file, or beside an ONNX model)
 - a training run's folder and its log.jsonl
-- features (`.npz`, from `evaluate --save-features` and `embed`) and where results go
+- features (`.npz`, from `evaluate --save-features` and `embed`), evaluation results
+  (`MODEL.lfw.json`) and where they go, per-pair scores, identities
+- a gallery's feature cache (`.sphereface-gallery.npz`)
 
 docs/formats.md describes them for people; this module is the definition.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -575,6 +578,43 @@ def write_result(path: str | Path, result: dict) -> None:
     calibration; the per-pair scores and the ROC points stay out (--scores, --roc)."""
     kept = {k: v for k, v in result.items() if k not in ("scores", "roc", "output")}
     write_text_atomic(path, json.dumps(kept, indent=1) + "\n")
+
+
+def read_result(path: str | Path, needs: tuple[str, ...]) -> dict:
+    """An evaluation result (write_result's), checked for the keys the reader needs."""
+    try:
+        result = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not an evaluation result ({excerpt(e, 80)})") from None
+    missing = [k for k in needs if not isinstance(result, dict) or k not in result]
+    if missing:
+        raise UserError(f"{path}: not an evaluation result with {', '.join(missing)}")
+    return result
+
+
+# --------------------------------------------------------------------------- gallery cache
+
+def write_gallery_cache(path: str | Path, key: str, paths: list[str], keys: list[str],
+                        features: np.ndarray) -> None:
+    """`GALLERY/.sphereface-gallery.npz`: the model key (`api.Model.key`), each photo's path
+    under the gallery and file key (size:mtime_ns), and its feature."""
+    write_npz(path, model=key, paths=np.array(paths, dtype=str), keys=np.array(keys, dtype=str),
+              features=np.asarray(features))
+
+
+def read_gallery_cache(path: str | Path, key: str) -> dict[tuple[str, str], np.ndarray]:
+    """The cached features by (path, file key); empty for a cache of another model key. One
+    that cannot be read is a UserError: no pickles (allow_pickle=False), every array checked."""
+    try:
+        with np.load(path, allow_pickle=False) as c:
+            if str(c["model"]) != key:
+                return {}
+            paths, keys, feats = c["paths"], c["keys"], c["features"]
+            if feats.ndim != 2 or not len(paths) == len(keys) == len(feats) or feats.dtype.kind != "f":
+                raise ValueError("arrays of mismatched shapes")
+            return {(str(p), str(k)): f for p, k, f in zip(paths, keys, feats)}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable gallery cache ({excerpt(e, 80)})") from None
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

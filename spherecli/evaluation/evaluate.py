@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spherecli.core.config import EvalSettings
 from spherecli.core.errors import UserError
 from spherecli.evaluation.datasets import (Benchmark, Pairs, decode_crops, distinct_images, fit_crops,
                                            read_pairs)
@@ -40,74 +41,66 @@ def evaluate_features(features: np.ndarray, index: dict[str, int], pairs: Pairs,
 def _missing(missing: list[str], where: str) -> UserError:
     shown = "\n  ".join(missing[:10]) + ("\n  ..." if len(missing) > 10 else "")
     return UserError(f"{len(missing)} pair images are missing from {where}:\n  {shown}\n"
-                     "(--skip-missing scores their pairs as failures)")
+                     "(skip_missing scores their pairs as failures)")
 
 
 def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: str | Path | None = None,
-             features: str | Path | None = None, save_features_to: str | Path | None = None,
-             output: str | Path | None = None, roc_png: str | Path | None = None,
-             scores_csv: str | Path | None = None, pattern: str = LFW_PATTERN, flip: str = "concat",
-             mean_subtract: bool = True, skip_missing: bool = False, arch: str | None = None,
-             input_spec: str | None = None, batch_size: int = 128, workers: int = 2, device: str = "cpu",
-             amp: str = "none", runtime: str = "auto", progress: bool = True) -> dict:
+             features: str | Path | None = None, settings: EvalSettings | None = None,
+             pattern: str = LFW_PATTERN, output: str | Path | None = None, roc_png: str | Path | None = None,
+             scores_csv: str | Path | None = None, save_features_to: str | Path | None = None,
+             progress: bool = True) -> dict:
     """One pair list in LFW's format: features (from a model and aligned images, or from a
     file), the protocol, and the files asked for. The result JSON goes to output, by
     default next to the model: MODEL.lfw.json for the official LFW pairs,
     MODEL.<pairs file name>.json for others."""
     pairs = read_pairs(pairs_path, pattern)
     if features is None and (model is None or data is None):
-        raise UserError("give --model and --data (aligned images), or --features")
+        raise UserError("give a model and its data (aligned images), or saved features")
     if features is not None and data is not None:
-        raise UserError("give --data (aligned images, with --model) or --features, not both")
+        raise UserError("give data (aligned images, with a model) or saved features, not both")
+    bench = Benchmark(pairs.name, pairs, data=None if data is None else Path(data), source=str(pairs_path))
     with Outputs([pairs_path, model, data, features]) as outputs:
         output = outputs.file(output or result_path(model or features, pairs.name), "result")
         roc_png, scores_csv, save_features_to = (
             path if path is None else outputs.file(path, kind)
             for path, kind in ((roc_png, "png"), (scores_csv, "scores"), (save_features_to, "features")))
-        net = None if features is not None else _network(model, device, amp, arch, input_spec, runtime)
-        bench = Benchmark(pairs.name, pairs, data=None if data is None else Path(data),
-                          source=str(pairs_path))
-        result = run_benchmark(bench, net=net, features=features, save_features_to=save_features_to,
-                               flip=flip, mean_subtract=mean_subtract, skip_missing=skip_missing,
-                               batch_size=batch_size, workers=workers, amp=amp, progress=progress)
+        (result,) = evaluate_many([bench], model, settings, progress, features=features,
+                                  save_features_to=save_features_to, outputs=[output])
         result["settings"]["pattern"] = pattern
         write_outputs(result, pairs, output, roc_png, scores_csv)
         return result
 
 
-def evaluate_many(benchmarks: list[Benchmark], model: str | Path, *, flip: str = "concat",
-                  mean_subtract: bool = True, skip_missing: bool = False, arch: str | None = None,
-                  input_spec: str | None = None, batch_size: int = 128, workers: int = 2,
-                  device: str = "cpu", amp: str = "none", runtime: str = "auto",
-                  progress: bool = True) -> list[dict]:
-    """Several benchmarks with one model, each result next to the model as MODEL.<name>.json."""
-    inputs = [model] + [p for b in benchmarks for p in (b.data, b.source or None)]
-    with Outputs(inputs) as outputs:
-        paths = [outputs.file(result_path(model, b.name), "result") for b in benchmarks]
-        net = _network(model, device, amp, arch, input_spec, runtime)
+def evaluate_many(benchmarks: list[Benchmark], model: str | Path | None,
+                  settings: EvalSettings | None = None, progress: bool = True, *,
+                  features: str | Path | None = None, save_features_to: str | Path | None = None,
+                  outputs: list[Path] | None = None) -> list[dict]:
+    """Benchmarks with one model (or features saved from it), each result next to the model
+    as MODEL.<name>.json unless outputs names the files."""
+    settings = settings or EvalSettings()
+    with Outputs([model, features] + [p for b in benchmarks for p in (b.data, b.source or None)]) as guard:
+        paths = outputs or [guard.file(result_path(model, b.name), "result") for b in benchmarks]
+        net = None
+        if features is None:
+            from spherecli.models.features import load_network
+
+            net = load_network(model, device=settings.device, amp=settings.amp, arch=settings.arch,
+                               input_spec=settings.input_spec, runtime=settings.runtime)
         results = []
         for bench, output in zip(benchmarks, paths):
-            result = run_benchmark(bench, net=net, flip=flip, mean_subtract=mean_subtract,
-                                   skip_missing=skip_missing, batch_size=batch_size, workers=workers, amp=amp,
-                                   progress=progress)
-            write_outputs(result, bench.pairs, output)
+            result = run_benchmark(bench, settings, net=net, features=features,
+                                   save_features_to=save_features_to, progress=progress)
+            if outputs is None:
+                write_outputs(result, bench.pairs, output)
             results.append(result)
         return results
 
 
-def _network(model, device, amp, arch, input_spec, runtime):
-    from spherecli.models.features import load_network
-
-    return load_network(model, device=device, amp=amp, arch=arch, input_spec=input_spec, runtime=runtime)
-
-
-def run_benchmark(bench: Benchmark, *, net=None, features: str | Path | None = None,
-                  save_features_to: str | Path | None = None, flip: str = "concat",
-                  mean_subtract: bool = True,
-                  skip_missing: bool = False, batch_size: int = 128, workers: int = 2, amp: str = "none",
-                  progress: bool = True) -> dict:
+def run_benchmark(bench: Benchmark, settings: EvalSettings, *, net=None, features: str | Path | None = None,
+                  save_features_to: str | Path | None = None, progress: bool = True) -> dict:
     """The protocol on one benchmark, with features from the network or from a file."""
     pairs, names = bench.pairs, distinct_images(bench.pairs)
+    flip, amp = settings.flip, settings.amp
     if features is not None:
         stored_names, stored, made = load_features(features)
         index = {n: i for i, n in enumerate(stored_names)}
@@ -118,12 +111,12 @@ def run_benchmark(bench: Benchmark, *, net=None, features: str | Path | None = N
         missing, where = [n for n in names if not (bench.data / n).is_file()], str(bench.data)
     else:
         missing, where = [], bench.source
-    if missing and not skip_missing:
+    if missing and not settings.skip_missing:
         raise _missing(missing, where)
     absent = set(missing)
     present = [n for n in names if n not in absent]
     if features is None:
-        stored = _extract(bench, net, present, flip, batch_size, workers, progress)
+        stored = _extract(bench, net, present, flip, settings.batch_size, settings.workers, progress)
         index = {n: i for i, n in enumerate(present)}
     row = {n: i for i, n in enumerate(names)}
     table = np.full((len(names), stored.shape[1]), np.nan)  # a missing image scores NaN: a failure
@@ -131,14 +124,14 @@ def run_benchmark(bench: Benchmark, *, net=None, features: str | Path | None = N
         table[row[n]] = stored[index[n]]
     if save_features_to is not None:
         save_features(save_features_to, present, table[[row[n] for n in present]], flip=flip, amp=amp)
-    result = evaluate_features(table, row, pairs, mean_subtract)
+    result = evaluate_features(table, row, pairs, settings.mean_subtract)
     result["calibration"]["flip"] = flip
     result.update(benchmark=bench.name, pairs_file=bench.source,
                   model=None if net is None else net.name,
                   data=None if bench.data is None else str(bench.data),
                   features_file=None if features is None else str(features), images=len(names),
                   missing=len(missing),
-                  settings={"flip": flip, "mean_subtract": mean_subtract, "amp": amp,
+                  settings={"flip": flip, "mean_subtract": settings.mean_subtract, "amp": amp,
                             "runtime": None if net is None else type(net).__name__,
                             "crops": f"{bench.size[0]}x{bench.size[1]} {bench.reference}",
                             "protocol": "evaluation.m: mean of other folds subtracted, cosine, "

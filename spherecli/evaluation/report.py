@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 from spherecli.core.errors import UserError
 from spherecli.core.config import load_config
-from spherecli.core.formats import RunFolder, read_log, result_path
+from spherecli.core.formats import RunFolder, read_log, read_result, result_path
 from spherecli.core.registry import HEADS
 
 
@@ -46,7 +45,7 @@ def summarize(run: str | Path) -> dict:
            "feature_norm": last.get("feature_norm")}
     result = result_path(folder.model)
     if result.is_file():
-        r = json.loads(result.read_text())
+        r = read_result(result, ("mean", "std", "folds"))
         out.update(lfw_mean=r["mean"], lfw_std=r["std"], lfw_folds=[f["accuracy"] for f in r["folds"]])
     return out
 

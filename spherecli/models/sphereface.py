@@ -9,26 +9,15 @@ connected layer fc5 maps the last feature map to the 512-d face feature.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
 from spherecli.core.registry import NETWORKS
+from spherecli.models.init import caffe_xavier_
 
 CHANNELS = (64, 128, 256, 512)
 UNITS = {4: (0, 0, 0, 0), 10: (0, 1, 2, 0), 20: (1, 2, 4, 1), 36: (2, 4, 8, 2), 64: (3, 8, 16, 3)}
-
-
-def caffe_xavier_(tensor: torch.Tensor) -> torch.Tensor:
-    """Caffe's "xavier" filler: uniform on +-sqrt(3 / fan_in).
-
-    Not torch's xavier_uniform_, which averages fan_in and fan_out.
-    """
-    fan_in = tensor[0].numel()
-    bound = math.sqrt(3.0 / fan_in)
-    with torch.no_grad():
-        return tensor.uniform_(-bound, bound)
 
 
 class Residual(nn.Module):

@@ -8,7 +8,6 @@ means the same thing in `verify` and `identify`. The benchmark's impostor
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from spherecli.core.errors import UserError
 from spherecli.models.features import unit
-from spherecli.core.formats import result_path
+from spherecli.core.formats import read_result, result_path
 from spherecli.core.validate import COSINE, FRACTION
 
 # The threshold of a model that was never evaluated, whose features are therefore
@@ -50,8 +49,8 @@ class Calibration:
         path = Path(result) if result else result_path(model)
         cal = cls(None, DEFAULT_THRESHOLD, "concat", "default")
         if path.is_file():
+            c = read_result(path, ("calibration",))["calibration"]
             try:
-                c = json.loads(path.read_text())["calibration"]
                 cal = cls(np.array(c["mean"]) if c["mean"] is not None else None, c["threshold"],
                           c["flip"], str(path),
                           np.array(c["impostors"]) if "impostors" in c else None)

@@ -3,14 +3,13 @@ next to the photos and keyed by the model, and one template per person."""
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from spherecli.core.errors import UserError, excerpt
+from spherecli.core.errors import UserError
 from spherecli.recognition.calibration import Calibration
-from spherecli.core.formats import write_npz
+from spherecli.core.formats import read_gallery_cache, write_gallery_cache
 from spherecli.core.images import describe_error, walk_images
 from spherecli.core.outputs import Outputs
 from spherecli.recognition.recognize import FaceEmbedder
@@ -63,28 +62,21 @@ def gallery(embedder: FaceEmbedder, root: str | Path, key: str, *,
         raise UserError(f"gallery {root}: no face found in any person's folder (expected PERSON/photo.jpg)")
     feats = np.stack(feats)
     try:
-        write_npz(cache, model=key, paths=np.array(paths), keys=np.array(keys), features=feats)
+        write_gallery_cache(cache, key, paths, keys, feats)
     except UserError as e:
         notes.append(f"the gallery cache was not saved: {e}")
     return people, feats, notes
 
 
 def _read_cache(cache: Path, key: str) -> tuple[dict, list[str]]:
-    """The cached features of this model's gallery photos, by (path, file key); a cache made
-    with another model is ignored, one that cannot be read is ignored with a note (and
-    rebuilt), never trusted: no pickles (allow_pickle=False), every array checked."""
+    """The cached features of this model's gallery photos; a cache that cannot be read is
+    ignored with a note, and made again."""
     if not cache.is_file():
         return {}, []
     try:
-        with np.load(cache, allow_pickle=False) as c:
-            if str(c["model"]) != key:
-                return {}, []
-            paths, keys, feats = c["paths"], c["keys"], c["features"]
-            if feats.ndim != 2 or not len(paths) == len(keys) == len(feats) or feats.dtype.kind != "f":
-                raise ValueError("arrays of mismatched shapes")
-            return {(str(p), str(k)): f for p, k, f in zip(paths, keys, feats)}, []
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        return {}, [f"{cache}: not a readable gallery cache ({excerpt(e, 80)}); ignored and made again"]
+        return read_gallery_cache(cache, key), []
+    except UserError as e:
+        return {}, [f"{e}; ignored and made again"]
 
 
 def templates(people: list[str], features: np.ndarray, calibration: Calibration):

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from spherecli.core.errors import UserError
-from spherecli.core.config import check_head
-from spherecli.models.sphereface import caffe_xavier_
 from spherecli.core.registry import A_SOFTMAX_BACKWARD, HEADS
+from spherecli.models.init import caffe_xavier_
 
 EPS = 1e-12
 
@@ -86,11 +85,21 @@ def psi(c: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return sign * t - 2 * k, sign * dt
 
 
+def margin_logits(x, weight, labels, lam: float, m: int):
+    """A-Softmax logits: x.w_j for every class, (lambda |x| cos + |x| psi) / (1 + lambda)
+    for the target; and (|x|, cos, psi, d psi / d cos) of the target, for the Caffe backward."""
+    logits = x @ weight.t()
+    norm = x.norm(dim=1).clamp_min(EPS)
+    c = (logits.gather(1, labels[:, None])[:, 0] / norm).clamp(-1, 1)
+    p, dp = psi(c, m)
+    target = (lam * norm * c + norm * p) / (1 + lam)
+    return logits.scatter(1, labels[:, None], target[:, None]), (norm, c, p, dp)
+
+
 class _CaffeMarginProduct(torch.autograd.Function):
     """A-Softmax logits with the original Caffe layer's backward pass.
 
-    Forward: x.w_j for every class, (lambda |x| cos + |x| psi) / (1 + lambda)
-    for the target. Backward, as MarginInnerProductLayer computes it: the
+    Forward: margin_logits. Backward, as MarginInnerProductLayer computes it: the
     target's psi term contributes coeff_w w + coeff_x x with the two
     coefficients divided by their joint norm (the "Backward gradient" note
     of the original README), and the weights get the plain inner-product
@@ -99,14 +108,10 @@ class _CaffeMarginProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, labels, lam, m):
-        logits = x @ weight.t()
-        norm = x.norm(dim=1).clamp_min(EPS)
-        c = (logits.gather(1, labels[:, None])[:, 0] / norm).clamp(-1, 1)
-        p, dp = psi(c, m)
-        target = (lam * norm * c + norm * p) / (1 + lam)
+        logits, (norm, c, p, dp) = margin_logits(x, weight, labels, lam, m)
         ctx.save_for_backward(x, weight, labels, norm, c, p, dp)
         ctx.lam = lam
-        return logits.scatter(1, labels[:, None], target[:, None])
+        return logits
 
     @staticmethod
     def backward(ctx, grad):
@@ -170,13 +175,7 @@ class ASoftmax(Head):
             with torch.no_grad():
                 self.weight.div_(self.weight.norm(dim=1, keepdim=True).clamp_min(EPS))
             return _CaffeMarginProduct.apply(x, self.weight, labels, lam, self.m)
-        w = F.normalize(self.weight, dim=1, eps=EPS)
-        logits = x @ w.t()
-        norm = x.norm(dim=1).clamp_min(EPS)
-        c = (logits.gather(1, labels[:, None])[:, 0] / norm).clamp(-1, 1)
-        p, _ = psi(c, self.m)
-        target = (lam * norm * c + norm * p) / (1 + lam)
-        return logits.scatter(1, labels[:, None], target[:, None])
+        return margin_logits(x, F.normalize(self.weight, dim=1, eps=EPS), labels, lam, self.m)[0]
 
 
 class _NormalisedHead(Head):
@@ -223,7 +222,22 @@ class ArcFace(_NormalisedHead):
                            c - math.sin(math.pi - self.m) * self.m)
 
 
+def head_settings(name: str) -> tuple[str, ...]:
+    """The settings a head takes: its constructor's keyword arguments."""
+    import inspect
+
+    return tuple(p for p in inspect.signature(HEADS.get(name)).parameters
+                 if p not in ("self", "feature_dim", "num_classes"))
+
+
+def check_head(name: str, settings: dict) -> None:
+    """A setting that the head does not take is an error."""
+    extra = sorted(set(settings) - set(head_settings(name)))
+    if extra:
+        takes = ", ".join(head_settings(name)) or "no settings"
+        raise UserError(f"the {name} head does not take {', '.join(extra)} (it takes: {takes})")
+
+
 def create_head(name: str, feature_dim: int, num_classes: int, **settings) -> nn.Module:
-    """Build a head; a setting that the head does not take is an error."""
     check_head(name, settings)
     return HEADS.get(name)(feature_dim, num_classes, **settings)

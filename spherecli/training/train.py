@@ -33,7 +33,7 @@ from spherecli.models.features import prepare
 from spherecli.core.devices import check_gpus, resolve_device
 from spherecli.core.formats import (Checkpoint, ImageList, InputSpec, JsonlAppender, ModelFile, RunFolder,
                                     cache_key_path, read_list)
-from spherecli.training.heads import create_head
+from spherecli.training.heads import check_head, create_head
 from spherecli.models import autocast_dtype, create_model
 from spherecli.core.outputs import Outputs, locked
 from spherecli.core.parallel import cpu_count
@@ -106,7 +106,12 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.amp, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.iteration = 0
-        self.model = trainee
+        if cfg.compile:
+            # In place: torch.compile(module) would wrap it, and the wrapper's state_dict keys
+            # ("_orig_mod.conv1...") would neither load into a plain network nor resume.
+            trainee.backbone.compile()
+        # What runs forward: DDP synchronises network and head gradients across the processes.
+        self.model = nn.parallel.DistributedDataParallel(trainee) if world > 1 else trainee
         self.folder = RunFolder(Path(cfg.out))
 
     @classmethod
@@ -169,12 +174,11 @@ class Trainer:
     # ----------------------------------------------------------------------- the loop
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One update on a uint8 batch: (loss, logits, features)."""
+        """One update on a uint8 batch x with labels y on the device: (loss, logits, features)."""
         lr = learning_rate(self.cfg, self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         x = prepare(x, self.spec, self.device)
-        y = y.to(self.device, non_blocking=True)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
@@ -197,9 +201,8 @@ class Trainer:
         stats = torch.zeros(5, device=device)  # loss sum, correct, feature norm sum, images, stop
         row: dict = {}
         while self.iteration < cfg.max_iter:
-            lr = learning_rate(cfg, self.iteration)
             x, y = next(data)
-            y = y.to(device, non_blocking=True)  # the accuracy below compares it with the logits
+            y = y.to(device, non_blocking=True)
             loss, logits, features = self.step(x, y)
             with torch.no_grad():
                 stats[:4] += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(),
@@ -221,6 +224,7 @@ class Trainer:
             if not math.isfinite(loss_avg):
                 raise Stopped(f"loss became {loss_avg} by iteration {done}; {self.saved()}. Lower --lr, "
                               "or add --clip-grad 5 and --warmup 100")
+            lr = self.optimizer.param_groups[0]["lr"]  # the step's; group 0 has lr_mult 1
             row = {"iter": done, "loss": loss_avg, "acc": acc, "lr": lr, **self.trainee.head.metrics(),
                    "feature_norm": norm}
             reasons = [r for cb in callbacks if (r := cb.report(row))]
@@ -424,10 +428,6 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, progress: bool, ra
         trainer.load_state_dict(Checkpoint.load(folder.checkpoint))
     elif cfg.init_from:
         trainer.init_from(cfg.init_from)
-    if cfg.compile:
-        trainer.trainee.backbone = torch.compile(trainer.trainee.backbone)
-    if world > 1:
-        trainer.model = nn.parallel.DistributedDataParallel(trainer.trainee)
     main = rank == 0
     start = trainer.iteration
     callbacks = []
@@ -493,6 +493,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, progress: bool, ra
 
 def launch(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Start the processes `--gpus`/`--nproc` ask for with torchrun's launcher, or train here."""
+    check_head(cfg.head, cfg.head_args)  # before any work, said once and not by every process
     if "LOCAL_RANK" in os.environ:  # already started by torchrun
         return train(cfg, resume, progress)
     nproc = len(check_gpus(cfg.gpus)) if cfg.gpus else cfg.nproc
