@@ -1,6 +1,7 @@
 # spherecli
 #   make demo       install, then the whole pipeline on the bundled data (../shared/data)
-#   make test       install, then the tests
+#   make test       install, then the tests (CI's run: all but the slow reproductions)
+#   make test-all   install, then every test, with the published model's whole-LFW pipeline
 #   make published  a published model (MODEL=...) imported and evaluated on the bundled LFW
 #   make reproduce  the paper's recipe on CASIA-WebFace and LFW, on GPUs
 #   make bench      the benchmarks of docs/benchmarks.md
@@ -10,7 +11,7 @@ VENV   := .venv
 PY     ?= $(VENV)/bin/python
 SF     ?= $(VENV)/bin/sphereface
 
-.PHONY: install test demo identify-demo published reproduce bench gpu-check clean
+.PHONY: install test test-all demo identify-demo published reproduce bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: install
 	$(PY) -m pytest -q
 
 bench: install

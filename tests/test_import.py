@@ -302,6 +302,7 @@ def test_onnx_model_gives_the_features_of_pytorch(tmp_path, arch):
         load_network(tmp_path / "m.onnx", input_spec="insightface")
 
 
+@pytest.mark.slow
 def test_published_mobilefacenet_through_the_whole_pipeline_on_lfw(data, tmp_path):
     """detect -> align -> evaluate of the published CASIA MobileFaceNet on all 6,000 LFW
     pairs (about 4 minutes). Measured 98.80% (docs/results.md); the floor leaves 12 pairs of
