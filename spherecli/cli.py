@@ -34,9 +34,19 @@ def show(title: str, summary: dict) -> None:
     console.print(table)
 
 
+def as_flags(message: str) -> str:
+    """The library names a setting in backquotes (`far`, `init_from`); here it is a flag
+    (--far, --init-from). A backquoted word that no command declares stays as it is."""
+    import re
+
+    flags = {o[2:].replace("-", "_"): o for c in cli.commands.values() for p in c.params
+             for o in getattr(p, "opts", ()) if o.startswith("--")}
+    return re.sub(r"`([a-z][a-z_]*)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
 def notes(lines) -> None:
     for line in lines:
-        console.print(f"note: {line}")
+        console.print(f"note: {as_flags(line)}")
 
 
 class Number(click.ParamType):
@@ -612,7 +622,7 @@ def main() -> None:
         cli.main(standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt, Interrupted) as e:
         if not quiet_rank:
-            click.echo(str(e) if isinstance(e, Interrupted) else
+            click.echo(as_flags(str(e)) if isinstance(e, Interrupted) else
                        "interrupted: finished work is saved; run the same command again to resume", err=True)
         sys.exit(130)
     except click.ClickException as e:  # a bad flag or value, found while the command line is read
@@ -622,7 +632,7 @@ def main() -> None:
         say_error(message, quiet_rank)
         sys.exit(e.exit_code)
     except UserError as e:
-        say_error(str(e), quiet_rank)
+        say_error(as_flags(str(e)), quiet_rank)
         sys.exit(2)
 
 

@@ -123,7 +123,7 @@ def test_malformed_landmark_file_names_the_line(tmp_path):
     text.write_text("a/b.jpg 1 2 3 4 5 6 7 8 9 10\na/c.jpg 1 2 3\n")
     with pytest.raises(UserError, match=r"l\.txt:2: expected"):
         align_manifests([text], tmp_path / "out", root=str(tmp_path), progress=False)
-    with pytest.raises(UserError, match="pass --root"):
+    with pytest.raises(UserError, match="pass `root`"):
         align_manifests([text], tmp_path / "out", progress=False)
 
 

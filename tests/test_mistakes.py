@@ -346,3 +346,20 @@ def test_embed_writes_the_file_it_names(work, tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "features.bin").is_file() and not (tmp_path / "features.bin.npz").exists()
     assert str(tmp_path / "features.bin") in r.stderr
+
+
+def test_the_library_names_settings_and_the_command_line_names_flags(work, capsys):
+    """A Python caller is told of `far` and `threshold`, a shell user of --far and --threshold."""
+    from spherecli import UserError, load
+    from spherecli.cli import as_flags
+
+    with pytest.raises(UserError, match=r"give `far` \(.*\) or `threshold`, not both"):
+        load(work / "m.pt", far=1e-3, threshold=0.3)
+    args = ["verify", work / "notimg.jpg", work / "notimg.jpg", "--model", work / "m.pt", "--far", "1e-3",
+            "--threshold", "0.3"]
+    assert sphereface_here(args) == 2
+    err = capsys.readouterr().err
+    assert "give --far (a threshold chosen by false-accept rate) or --threshold, not both" in err
+    # Only names some command declares become flags.
+    said = "`init_from` x, `sphereface list`, `nothing`"
+    assert as_flags(said) == "--init-from x, `sphereface list`, `nothing`"

@@ -316,7 +316,7 @@ def resolve(config_file: str | Path | None, overrides: dict, resume: bool) -> tu
                 raise UserError(f"{saved.path} holds a run trained with other settings "
                                 f"({'; '.join(changed)}); "
                                 "a resumed run keeps its network, head and data: drop those options to "
-                                "continue it, or train into another --out")
+                                "continue it, or train into another `out`")
         return cfg, saved.checkpoint.exists()
     return cfg, False
 

@@ -78,7 +78,7 @@ def check_images(items: ImageList, list_path: str, skip_missing: bool) -> tuple[
     if not exists.all() and not skip_missing:
         lineno = int(np.argmin(exists)) + 1
         raise UserError(f"{list_path}:{lineno}: image not found: {items[lineno - 1][0]} "
-                        "(--skip-missing leaves such lines out)")
+                        "(`skip_missing` leaves such lines out)")
     if not exists.any():
         raise UserError(f"{list_path}: none of the listed images exist")
     return ImageList(items.paths[exists], items.labels[exists]), int((~exists).sum())
@@ -102,7 +102,7 @@ class EpochBatches:
         self.per_epoch = n // (batch_size * world)
         if self.per_epoch == 0:
             raise UserError(f"{n} images are fewer than one global batch of "
-                            f"{batch_size} x {world} processes; lower --batch-size")
+                            f"{batch_size} x {world} processes; lower `batch_size`")
 
     def __len__(self):
         return (self.stop if self.stop is not None else self.start) - self.start

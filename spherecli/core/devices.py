@@ -8,7 +8,7 @@ import re
 from spherecli.core.errors import UserError
 
 
-def resolve_device(text: str, what: str = "--device") -> str:
+def resolve_device(text: str, what: str = "`device`") -> str:
     """'cpu', 'cuda', 'cuda:N' or 'auto' (any case) as PyTorch names the device to use."""
     import torch
 
@@ -22,7 +22,7 @@ def resolve_device(text: str, what: str = "--device") -> str:
         raise UserError(f"{what} {text!r}: expected cpu, cuda, cuda:N or auto")
     if not torch.cuda.is_available():
         raise UserError(f"{what} {text}: PyTorch sees no GPU here (torch {torch.__version__}, CUDA "
-                        f"{torch.version.cuda or 'not built in'}); use --device cpu, or auto to take a GPU "
+                        f"{torch.version.cuda or 'not built in'}); use `device` cpu, or auto to take a GPU "
                         "only when there is one")
     if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
         raise UserError(f"{what} {text}: PyTorch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
@@ -36,13 +36,13 @@ def check_gpus(gpus: str) -> list[int]:
     try:
         ids = [int(v) for v in gpus.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"--gpus {gpus!r}: expected GPU numbers, e.g. 0,1") from None
+        raise UserError(f"`gpus` {gpus!r}: expected GPU numbers, e.g. 0,1") from None
     if not ids:
-        raise UserError("--gpus: no GPU numbers given")
+        raise UserError("`gpus`: no GPU numbers given")
     if not torch.cuda.is_available():
-        raise UserError(f"--gpus {gpus}: PyTorch sees no GPU here; train on the CPU with --device cpu "
-                        "(and --nproc N for several processes)")
+        raise UserError(f"`gpus` {gpus}: PyTorch sees no GPU here; train on the CPU with `device` cpu "
+                        "(and `nproc` N for several processes)")
     missing = [i for i in ids if i >= torch.cuda.device_count()]
     if missing:
-        raise UserError(f"--gpus {gpus}: PyTorch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+        raise UserError(f"`gpus` {gpus}: PyTorch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
     return ids

@@ -395,7 +395,7 @@ def parse_input_spec(text: str) -> InputSpec:
             continue
         key, sep, value = part.partition("=")
         if not sep or key not in InputSpec.__dataclass_fields__:
-            raise UserError(f"--input-spec {text!r}: expected a preset ({', '.join(INPUT_PRESETS)}), a "
+            raise UserError(f"`input_spec` {text!r}: expected a preset ({', '.join(INPUT_PRESETS)}), a "
                             f".json file, or key=value pairs of {', '.join(InputSpec.__dataclass_fields__)}")
         fields_[key] = value.lower().split("x") if key == "size" else value
     return InputSpec(**{**asdict(base), **fields_})

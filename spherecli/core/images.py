@@ -93,7 +93,7 @@ def _open(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if max_pixels and w * h > max_pixels:
         im.close()
         raise OSError(f"image is {w}x{h} = {w * h / 1e6:.0f} megapixels, over the limit of "
-                      f"{max_pixels / 1e6:.0f} (--max-pixels)")
+                      f"{max_pixels / 1e6:.0f} (`max_pixels`)")
     return im
 
 

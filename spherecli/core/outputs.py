@@ -91,7 +91,7 @@ class Outputs:
         if path.is_symlink() and not path.exists():
             raise UserError(f"{path} is a link to nothing ({os.readlink(path)}); write elsewhere")
         if path.exists() and not self.overwrite and not is_kind(path, kind):
-            remedy = "add --overwrite to replace it" if self.overwrite is False else "remove it first"
+            remedy = "add `overwrite` to replace it" if self.overwrite is False else "remove it first"
             which = "" if KINDS[kind].test is None else f" and is not {what}"
             raise UserError(f"{path} exists{which}; it is left as it is ({remedy}, or write elsewhere)")
         self._make(path.parent, path)

@@ -41,7 +41,7 @@ def evaluate_features(features: np.ndarray, index: dict[str, int], pairs: Pairs,
 def _missing(missing: list[str], where: str) -> UserError:
     shown = "\n  ".join(missing[:10]) + ("\n  ..." if len(missing) > 10 else "")
     return UserError(f"{len(missing)} pair images are missing from {where}:\n  {shown}\n"
-                     "(skip_missing scores their pairs as failures)")
+                     "(`skip_missing` scores their pairs as failures)")
 
 
 def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: str | Path | None = None,

@@ -252,7 +252,7 @@ def detect_format(path: Path) -> str:
     if path.suffix.lower() == ".caffemodel":
         return "caffe"
     if path.suffix.lower() == ".onnx":
-        raise UserError(f"{path}: ONNX models need no import: pass it as --model with --input-spec "
+        raise UserError(f"{path}: ONNX models need no import: pass it as `model` with `input_spec` "
                         "(or a sidecar MODEL.onnx.json)")
     return "torch"
 
@@ -282,9 +282,9 @@ def _import(source: Path, output, fmt, prototxt, input_spec) -> dict:
                     else "sphere20a" if "conv1_1.weight" in tensors else None)
             if kind is None:
                 raise UserError(f"{source}: tensors of an unknown network ({', '.join(list(tensors)[:4])}, "
-                                f"...); known: {', '.join(IMPORT_FORMATS)} (--format)")
+                                f"...); known: {', '.join(IMPORT_FORMATS)} (`format`)")
         if kind not in ("sphere20a", "mobilefacenet"):
-            raise UserError(f"{source}: --format {kind} is for .caffemodel files")
+            raise UserError(f"{source}: `format` {kind} is for .caffemodel files")
         file = (from_sphere20a if kind == "sphere20a" else from_mobilefacenet)(source, tensors)
     if input_spec is not None:
         file.input = parse_input_spec(input_spec)

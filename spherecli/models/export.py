@@ -28,7 +28,7 @@ def check_batch(spec: InputSpec, check_dir: str | Path | None, n: int = 32) -> t
     if check_dir:
         rels = list(walk_images(check_dir))[:n]
         if not rels:
-            raise UserError(f"--check {check_dir}: no images")
+            raise UserError(f"`check` {check_dir}: no images")
         crops = torch.stack([to_chw(load_face(str(Path(check_dir) / r))) for r in rels])
         return prepare(crops, spec), f"{len(rels)} aligned faces from {check_dir}"
     g = torch.Generator().manual_seed(0)

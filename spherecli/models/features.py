@@ -124,12 +124,12 @@ def load_network(path: str | Path, *, device: str = "cpu", amp: str = "none", ar
         elif onnx_sidecar(path).is_file():
             spec = read_input_spec(onnx_sidecar(path))
         else:
-            raise UserError(f"{path}: an ONNX model needs its input spec: --input-spec insightface "
-                            f"(112x112 RGB, ArcFace points, (x - 127.5) / 127.5), --input-spec "
+            raise UserError(f"{path}: an ONNX model needs its input spec: `input_spec` insightface "
+                            f"(112x112 RGB, ArcFace points, (x - 127.5) / 127.5), `input_spec` "
                             f"sphereface, key=value pairs, or a sidecar {onnx_sidecar(path).name}")
         return OnnxNetwork(path, spec, device=device, threads=threads)
     if input_spec is not None:
-        raise UserError("--input-spec is for ONNX models; a spherecli model file states its own")
+        raise UserError("`input_spec` is for ONNX models; a spherecli model file states its own")
     module, file = load_model(path, arch)
     if runtime == "auto":
         faster = getattr(module, "cpu_runtime", "torch") == "onnxruntime"

@@ -107,7 +107,7 @@ def _records(source: Path, root: str | None):
         header, records = read_manifest(source)
         return (root or header["root"]), header["settings"].get("exif", True), records
     if root is None:
-        raise UserError(f"{source} is a landmark text file: pass --root, the folder its paths "
+        raise UserError(f"{source} is a landmark text file: pass `root`, the folder its paths "
                         "are relative to")
     return root, True, read_landmark_file(source)
 
@@ -219,7 +219,7 @@ def _align(opened, out: Path, size, reference, jpeg_quality, workers, overwrite,
     seconds = time.perf_counter() - start
     if todo and not counts["aligned"]:
         raise UserError(f"none of the {len(todo)} images could be aligned ({errors[0]}); "
-                        "are the images where the manifest's root or --root says?")
+                        "are the images where the manifest's root or `root` says?")
     counts.update(output=str(out), seconds=round(seconds, 2),
                   images_per_s=round(counts["aligned"] / seconds, 1) if counts["aligned"] else 0.0,
                   errors=errors[:20])

@@ -297,9 +297,9 @@ def parse_shard(text: str | tuple | None) -> tuple[int, int] | None:
         except ValueError:
             shard = ()
         if len(shard) != 2:
-            raise UserError(f"--shard: expected K/N, e.g. 1/4, got {text!r}")
+            raise UserError(f"`shard`: expected K/N, e.g. 1/4, got {text!r}")
     if shard is not None and not 1 <= shard[0] <= shard[1]:
-        raise UserError(f"--shard {shard[0]}/{shard[1]}: K must be between 1 and N")
+        raise UserError(f"`shard` {shard[0]}/{shard[1]}: K must be between 1 and N")
     return shard
 
 
@@ -345,7 +345,7 @@ def detect_tree(root: str | Path, manifest: str | Path | None = None, settings: 
                     bar.update(len(records))
                     bad = next((r for r in records if r["status"] == "error"), None)
                     if strict and bad:
-                        raise UserError(f"{root / bad['path']}: {bad['error']} (--strict stops at the "
+                        raise UserError(f"{root / bad['path']}: {bad['error']} (`strict` stops at the "
                                         "first bad file; the records so far are saved)")
             seconds = time.perf_counter() - start
             summary = manifest_summary(manifest)

@@ -29,7 +29,7 @@ def read_exclusions(values: list[str]) -> set[str]:
                 with open(value, encoding="utf-8") as f:
                     names.update(line.strip() for line in f if line.strip() and not line.startswith("#"))
             except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"--exclude {value}: cannot read it as a file of names ({e})") from None
+                raise UserError(f"`exclude` {value}: cannot read it as a file of names ({e})") from None
         else:
             names.update(v.strip() for v in value.split(",") if v.strip())
     if CASIA_LFW in names:

@@ -43,9 +43,9 @@ class Calibration:
         """From an evaluation JSON (given, or MODEL.lfw.json next to the model); far
         chooses the threshold that accepts at most that fraction of its impostors."""
         if far is not None and threshold is not None:
-            raise UserError("give --far (a threshold chosen by false-accept rate) or --threshold, not both")
-        far = None if far is None else FRACTION.check(far, "--far")
-        threshold = None if threshold is None else COSINE.check(threshold, "--threshold")
+            raise UserError("give `far` (a threshold chosen by false-accept rate) or `threshold`, not both")
+        far = None if far is None else FRACTION.check(far, "`far`")
+        threshold = None if threshold is None else COSINE.check(threshold, "`threshold`")
         path = Path(result) if result else result_path(model)
         cal = cls(None, DEFAULT_THRESHOLD, "concat", "default")
         if path.is_file():
@@ -61,7 +61,7 @@ class Calibration:
         if far is not None:
             cal.threshold, cal.source = cal.threshold_at_far(far), f"FAR {far:g} on {cal.source}"
         if threshold is not None:
-            cal.threshold, cal.source = threshold, "--threshold"
+            cal.threshold, cal.source = threshold, "the given threshold"
         elif cal.mean is None and far is None and cal.source == "default":
             cal.notes.append(f"{path.name} not found: the model is not calibrated, so features are not "
                              f"centred and the threshold is the uncalibrated {DEFAULT_THRESHOLD}; "
@@ -82,7 +82,7 @@ class Calibration:
                             "rate; run `sphereface evaluate` again to calibrate the model")
         n = len(self.impostors)
         if 0 < far and far * n < 1:
-            self.notes.append(f"--far {far:g}: {self.source} holds {n:,} impostor pairs, too few to resolve "
+            self.notes.append(f"`far` {far:g}: {self.source} holds {n:,} impostor pairs, too few to resolve "
                               f"that rate (it takes at least {int(np.ceil(1 / far)):,}); the threshold is "
                               "above every one of them, a false-accept rate of 0 measured on them")
         allowed = int(np.floor(far * n + 1e-9))

@@ -120,7 +120,7 @@ class Trainer:
         """Read the list, build network and head from the seed, put them on the device."""
         device = torch.device(device)
         if not cfg.list:
-            raise UserError("no training list: pass --list LIST (from `sphereface list`)")
+            raise UserError("no training list: give `list`, a list from `sphereface list`")
         items, missing = check_images(read_list(cfg.list, cfg.root), cfg.list, cfg.skip_missing)
         check_labels(items, cfg.list)
         input_size = load_face(items[0][0]).shape[:2]
@@ -156,7 +156,7 @@ class Trainer:
         except (RuntimeError, ValueError) as e:
             raise UserError(f"{self.folder.checkpoint}: the checkpoint does not fit {self.cfg.arch} + "
                             f"{self.cfg.head} on {self.num_classes} identities ({str(e).splitlines()[0]}); "
-                            "resume with the run's own settings, or train into another --out") from None
+                            "resume with the run's own settings, or train into another `out`") from None
         self.scaler.load_state_dict(state.scaler)
         torch.set_rng_state(state.rng["torch"])
         if self.device.type == "cuda" and state.rng["cuda"]:
@@ -168,7 +168,7 @@ class Trainer:
         try:
             self.trainee.backbone.load_state_dict(ModelFile.load(path).weights)
         except RuntimeError as e:
-            raise UserError(f"--init-from {path}: its network does not match {self.cfg.arch} at "
+            raise UserError(f"`init_from` {path}: its network does not match {self.cfg.arch} at "
                             f"{self.spec.size}: {str(e).splitlines()[0]}") from None
 
     # ----------------------------------------------------------------------- the loop
@@ -222,8 +222,8 @@ class Trainer:
             stop = stats[4].item() > 0
             stats.zero_()
             if not math.isfinite(loss_avg):
-                raise Stopped(f"loss became {loss_avg} by iteration {done}; {self.saved()}. Lower --lr, "
-                              "or add --clip-grad 5 and --warmup 100")
+                raise Stopped(f"loss became {loss_avg} by iteration {done}; {self.saved()}. Lower `lr`, "
+                              "or set `clip_grad` 5 and `warmup` 100")
             lr = self.optimizer.param_groups[0]["lr"]  # the step's; group 0 has lr_mult 1
             row = {"iter": done, "loss": loss_avg, "acc": acc, "lr": lr, **self.trainee.head.metrics(),
                    "feature_norm": norm}
@@ -234,7 +234,7 @@ class Trainer:
                 raise Stopped(reasons[0])
             if stop:
                 raise Interrupted(f"interrupted: iteration {done} is saved in {self.folder.checkpoint}; "
-                                  "run again with --resume to continue")
+                                  "run again with `resume` to continue")
         return row
 
     def save(self) -> None:
@@ -247,7 +247,7 @@ class Trainer:
             at = Checkpoint.load(self.folder.checkpoint).iteration
             return f"the last good checkpoint, iteration {at}, is kept in {self.folder.checkpoint}"
         return (f"no checkpoint was written yet (the first is due at iteration {self.cfg.snapshot}); "
-                "--resume starts the run again from the beginning")
+                "`resume` starts the run again from the beginning")
 
 
 # --------------------------------------------------------------------------- what watches the loop
@@ -406,8 +406,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         torch.backends.cudnn.benchmark = True
     folder = RunFolder(Path(cfg.out))
     if folder.checkpoint.exists() and not resume:
-        raise UserError(f"{folder.path} already holds a run; add --resume to continue it, "
-                        "or choose another --out")
+        raise UserError(f"{folder.path} already holds a run; add `resume` to continue it, "
+                        "or choose another `out`")
     if rank > 0:
         return _train(cfg, folder, resume, progress, rank, world, device)
     with Outputs([cfg.list, cfg.init_from, cfg.root]) as outputs:
@@ -499,7 +499,7 @@ def launch(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dic
     nproc = len(check_gpus(cfg.gpus)) if cfg.gpus else cfg.nproc
     if cfg.gpus:
         if cfg.device == "cpu":
-            raise UserError("--gpus and --device cpu contradict each other")
+            raise UserError("`gpus` and `device` cpu contradict each other")
         os.environ["CUDA_VISIBLE_DEVICES"] = cfg.gpus
     if nproc <= 1:
         return train(cfg, resume, progress)
