@@ -3,6 +3,7 @@ place (main) where an expected failure becomes a single `error:` line."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import MISSING
 from pathlib import Path
@@ -39,9 +40,15 @@ def as_flags(message: str) -> str:
     (--far, --init-from). A backquoted word that no command declares stays as it is."""
     import re
 
-    flags = {o[2:].replace("-", "_"): o for c in cli.commands.values() for p in c.params
-             for o in getattr(p, "opts", ()) if o.startswith("--")}
+    flags = declared_flags()
     return re.sub(r"`([a-z][a-z_]*)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+@functools.cache
+def declared_flags() -> dict[str, str]:
+    """Every command's long flags, by the setting name they stand for."""
+    return {o[2:].replace("-", "_"): o for c in cli.commands.values() for p in c.params
+            for o in getattr(p, "opts", ()) if o.startswith("--")}
 
 
 def notes(lines) -> None:
