@@ -64,36 +64,35 @@ def evaluate(pairs_path: str | Path, *, model: str | Path | None = None, data: s
         roc_png, scores_csv, save_features_to = (
             path if path is None else outputs.file(path, kind)
             for path, kind in ((roc_png, "png"), (scores_csv, "scores"), (save_features_to, "features")))
-        (result,) = evaluate_many([bench], model, settings, progress, features=features,
-                                  save_features_to=save_features_to, outputs=[output])
+        settings = settings or EvalSettings()
+        net = None if features is not None else _network(model, settings)
+        result = run_benchmark(bench, settings, net=net, features=features, save_features_to=save_features_to,
+                               progress=progress)
         result["settings"]["pattern"] = pattern
         write_outputs(result, pairs, output, roc_png, scores_csv)
         return result
 
 
-def evaluate_many(benchmarks: list[Benchmark], model: str | Path | None,
-                  settings: EvalSettings | None = None, progress: bool = True, *,
-                  features: str | Path | None = None, save_features_to: str | Path | None = None,
-                  outputs: list[Path] | None = None) -> list[dict]:
-    """Benchmarks with one model (or features saved from it), each result next to the model
-    as MODEL.<name>.json unless outputs names the files."""
+def evaluate_many(benchmarks: list[Benchmark], model: str | Path, settings: EvalSettings | None = None,
+                  progress: bool = True) -> list[dict]:
+    """Several benchmarks with one model, each result next to the model as MODEL.<name>.json."""
     settings = settings or EvalSettings()
-    with Outputs([model, features] + [p for b in benchmarks for p in (b.data, b.source or None)]) as guard:
-        paths = outputs or [guard.file(result_path(model, b.name), "result") for b in benchmarks]
-        net = None
-        if features is None:
-            from spherecli.models.features import load_network
-
-            net = load_network(model, device=settings.device, amp=settings.amp, arch=settings.arch,
-                               input_spec=settings.input_spec, runtime=settings.runtime)
+    with Outputs([model] + [p for b in benchmarks for p in (b.data, b.source or None)]) as outputs:
+        paths = [outputs.file(result_path(model, b.name), "result") for b in benchmarks]
+        net = _network(model, settings)
         results = []
         for bench, output in zip(benchmarks, paths):
-            result = run_benchmark(bench, settings, net=net, features=features,
-                                   save_features_to=save_features_to, progress=progress)
-            if outputs is None:
-                write_outputs(result, bench.pairs, output)
+            result = run_benchmark(bench, settings, net=net, progress=progress)
+            write_outputs(result, bench.pairs, output)
             results.append(result)
         return results
+
+
+def _network(model: str | Path, settings: EvalSettings):
+    from spherecli.models.features import load_network
+
+    return load_network(model, device=settings.device, amp=settings.amp, arch=settings.arch,
+                        input_spec=settings.input_spec, runtime=settings.runtime)
 
 
 def run_benchmark(bench: Benchmark, settings: EvalSettings, *, net=None, features: str | Path | None = None,
