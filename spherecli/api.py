@@ -6,8 +6,10 @@
     faces = spherecli.detect("party.jpg")      # [Face(box, score, landmarks), ...]
     crop = spherecli.align("party.jpg", faces[0].landmarks)
     model.embed("a.jpg")                       # the feature of its face
-    people = model.gallery("people/")          # one folder per person
+    people = model.gallery("people/")          # one folder per person, enrolled and cached
     model.identify("party.jpg", people)        # [Match(face, identity, score, best_match), ...]
+    g = spherecli.Gallery.create("staff.gallery", model)   # a gallery enrolled once, kept
+    g.enrol(model, "photos/")                  # photos/PERSON/*.jpg; only new photos are embedded
 
 An image is a path, a PIL image, or a numpy array (H, W, 3) of uint8 in RGB order, as
 PIL gives it (OpenCV's imread gives BGR: pass `img[:, :, ::-1]`). A photo goes through
@@ -31,6 +33,7 @@ from spherecli.core.errors import UserError
 from spherecli.recognition.calibration import Calibration
 from spherecli.core.config import DetectSettings, EvalSettings, TrainConfig
 from spherecli.core.images import as_rgb, decode, describe_error
+from spherecli.recognition.gallery import Gallery
 
 
 @dataclass
@@ -61,20 +64,12 @@ class Verification:
 @dataclass
 class Match:
     """A face of a probe named from a gallery: the best-matching person when the score clears
-    the threshold, else "unknown"."""
+    the threshold, else "unknown"; candidates are the k best people, best first."""
     face: Face
     identity: str
     score: float
     best_match: str
-
-
-@dataclass
-class Gallery:
-    """Known people: one unit template per person, from the photos of their folder."""
-    names: list
-    templates: np.ndarray
-    photos: int
-    notes: list = field(default_factory=list)
+    candidates: list = field(default_factory=list)
 
 
 def _image(image, settings: DetectSettings) -> np.ndarray:
@@ -153,16 +148,23 @@ class Model:
         self.network, self.spec = self.embedder.net, self.embedder.net.spec
 
     @cached_property
-    def key(self) -> str:
-        """What a cache of this model's features was made with: the model file's bytes, the
-        flip mode, the detection settings and the input spec."""
+    def identity(self) -> dict:
+        """What this model's unit features are made with: the network file's SHA-1, the flip
+        mode, the input spec, the calibration's mean feature (SHA-1 of its float64 bytes) and
+        the detection settings. A gallery records it and refuses features made otherwise."""
         h = hashlib.sha1()
         with open(self.path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-        made = [self.embedder.flip, self.embedder.settings.as_json(), self.spec.as_json()]
-        h.update(json.dumps(made).encode())
-        return h.hexdigest()
+        mean = self.calibration.mean
+        return {"network": h.hexdigest(), "flip": self.embedder.flip, "input_spec": self.spec.as_json(),
+                "mean": None if mean is None else hashlib.sha1(np.asarray(mean, "<f8").tobytes()).hexdigest(),
+                "detection": self.embedder.settings.as_json()}
+
+    @cached_property
+    def key(self) -> str:
+        """A name for `identity`, for caches of this model's features."""
+        return hashlib.sha1(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
 
     def __repr__(self) -> str:
         return f"Model({str(self.path)!r}: {self.spec.describe()}; {self.calibration.describe()})"
@@ -198,46 +200,45 @@ class Model:
         return Verification(score, score >= cal.threshold, cal.threshold, cal.far_of(cal.threshold),
                             cal.source, notes + cal.notes)
 
-    def gallery(self, people, cache: str | Path | None = None) -> Gallery:
-        """Known people: a folder of one folder per person (features cached, by default in
-        FOLDER/.sphereface-gallery.npz, keyed by this model), or a dict of name -> images."""
-        from spherecli.recognition.gallery import gallery, templates
+    def gallery(self, people, cache: str | Path | None = None, progress: bool = False) -> Gallery:
+        """Known people: an enrolled gallery's folder (`Gallery.create`), a folder of one
+        folder per person (enrolled into FOLDER/.sphereface-gallery/<key>, or cache, and kept
+        in step with the folder), or a dict of name -> images (held in memory)."""
+        from spherecli.core.formats import is_gallery
+        from spherecli.recognition.gallery import cached
 
         if isinstance(people, dict):
-            owners, feats, notes = [], [], []
+            gallery = Gallery.memory(self)
+            notes = []
             for name, images in people.items():
-                for image in images:
-                    try:
-                        feats.append(self.embed(image))
-                        owners.append(name)
-                    except UserError as e:
-                        notes.append(str(e))
-            if not feats:
+                gallery.enrol(self, list(images), name)
+                notes += gallery.notes
+            if not len(gallery):
                 raise UserError("gallery: no face found in any person's images")
-            feats = np.stack(feats)
-        else:
-            owners, feats, notes = gallery(self.embedder, people, self.key, cache=cache, select=self.select)
-        names, tmpl = templates(owners, feats, self.calibration)
-        return Gallery(names, tmpl, len(owners), notes)
+            gallery.notes = notes
+            return gallery
+        if is_gallery(people):
+            gallery = Gallery.open(people)
+            gallery.check(self)
+            return gallery
+        return cached(self, people, cache, progress)
 
-    def identify(self, image, gallery: Gallery) -> list[Match]:
+    def identify(self, image, gallery: Gallery, k: int = 1) -> list[Match]:
         """Every face of an image named from the gallery, or called unknown; the first is the
         face the select rule keeps (nearest the centre by default)."""
         rgb, faces = self.embedder.photo(image)
-        return self.match(rgb, _kept_first(rgb, faces, self.select), gallery)
+        return self.match(rgb, _kept_first(rgb, faces, self.select), gallery, k)
 
-    def match(self, rgb: np.ndarray, faces: list[dict], gallery: Gallery) -> list[Match]:
-        """Faces found on an RGB image, named from the gallery."""
+    def match(self, rgb: np.ndarray, faces: list[dict], gallery: Gallery, k: int = 1) -> list[Match]:
+        """Faces found on an RGB image, named from the gallery, with their k best candidates."""
         if not faces:
             return []
         unit = self.calibration.unit(self.embedder.embed(self.embedder.crops(rgb, faces)))
-        scores = unit @ gallery.templates.T
-        best = scores.argmax(axis=1)
         out = []
-        for face, row, b in zip(faces, scores, best):
-            name = gallery.names[b]
-            known = row[b] >= self.calibration.threshold
-            out.append(Match(Face.of(face), name if known else "unknown", float(row[b]), name))
+        for face, found in zip(faces, gallery.search(unit, k)):
+            best = found[0]
+            known = best.score >= self.calibration.threshold
+            out.append(Match(Face.of(face), best.name if known else "unknown", best.score, best.name, found))
         return out
 
 

@@ -14,9 +14,10 @@ from rich.table import Table
 
 from spherecli.core.config import EVAL_FIELDS, EvalSettings, field_type
 from spherecli.core.errors import Interrupted, UserError, __version__
-from spherecli.core.registry import (IMPORT_FORMATS, LFW_PATTERN, NO_FACE_RULES,
+from spherecli.core.registry import (FEATURE_DTYPES, IMPORT_FORMATS, SEARCH_BY, LFW_PATTERN, NO_FACE_RULES,
                                      REFERENCES, SELECT_RULES)
 from spherecli.core.validate import COSINE, COUNT, FRACTION, Range
+from spherecli.recognition.search import AUTO_EXACT, INDEX_CHOICES
 
 # Tables and notes: as wide as a terminal, or 200 columns into a file or pipe (not 80).
 console = Console(stderr=True, soft_wrap=True, highlight=False, width=None if sys.stderr.isatty() else 200)
@@ -47,8 +48,19 @@ def as_flags(message: str) -> str:
 @functools.cache
 def declared_flags() -> dict[str, str]:
     """Every command's long flags, by the setting name they stand for."""
-    return {o[2:].replace("-", "_"): o for c in cli.commands.values() for p in c.params
+    return {o[2:].replace("-", "_"): o for c in leaf_commands().values() for p in c.params
             for o in getattr(p, "opts", ()) if o.startswith("--")}
+
+
+def leaf_commands(group=None, prefix: str = "") -> dict[str, click.Command]:
+    """Every command that runs, by its words after `sphereface` ("evaluate", "gallery enrol")."""
+    found = {}
+    for name, command in sorted((group or cli).commands.items()):
+        if isinstance(command, click.Group):
+            found.update(leaf_commands(command, f"{prefix}{name} "))
+        else:
+            found[prefix + name] = command
+    return found
 
 
 def notes(lines) -> None:
@@ -145,6 +157,8 @@ def cli():
     \b
     verify    are two photos the same person?
     identify  name the faces of photos or a video from a gallery
+    gallery   enrol known people once, search them many times
+    megaface  identification among distractors (MegaFace's protocol)
     embed     features of a folder of photos         -> .npz
     export    the network to ONNX, torch.export or TorchScript
     import    a published model (Caffe SphereFace, sphere20a, MobileFaceNet)
@@ -441,7 +455,8 @@ def verify(photo_a, photo_b, model, select, device, input_spec, threads, calibra
 
 @cli.command()
 @click.option("--gallery", type=EXISTING_FOLDER, required=True,
-              help="One folder per known person, holding one or more photos of them.")
+              help="An enrolled gallery (`sphereface gallery`), or a folder of one folder per known person "
+                   "holding photos of them (enrolled into --cache and kept in step with the folder).")
 @click.option("--probe", type=click.Path(exists=True, path_type=Path), required=True,
               help="A photo, a folder of photos, or a video file.")
 @model
@@ -450,43 +465,213 @@ def verify(photo_a, photo_b, model, select, device, input_spec, threads, calibra
 @input_spec
 @threads
 @scoring
+@click.option("--top-k", "k", default=1, type=Number(Range(1, 100, integer=True)),
+              help="Candidates per face in the CSV's candidates column, best first.")
 @click.option("--every", default=1, type=Number(COUNT), help="For a video: look at every N-th frame.")
 @click.option("-o", "--output", type=OutputPath("identities"), help="CSV file for the results.  "
               "[default: standard output]")
 @click.option("--annotate", type=OutputPath(),
               help="Draw a box and name per face: a folder (for photos) or a video file.")
-@click.option("--cache", type=OutputPath("gallery cache"), help="Gallery feature cache.  "
-              "[default: GALLERY/.sphereface-gallery.npz]")
+@click.option("--cache", type=OutputPath(folder=True), help="Where a folder of photos is enrolled.  "
+              "[default: GALLERY/.sphereface-gallery/<model key>]")
 @quiet
-def identify(gallery, probe, model, select, device, input_spec, threads, calibration, far, threshold, every,
-             output, annotate, cache, quiet):
+def identify(gallery, probe, model, select, device, input_spec, threads, calibration, far, threshold, k,
+             every, output, annotate, cache, quiet):
     """Name every face in the probe from a gallery of known people, or call it unknown.
 
-    Several photos of a person are averaged into one template. A face
-    takes the best-matching person when the cosine score clears the
-    threshold. One CSV row per face (a probe without a face: one row,
-    identity no_face): source, frame, x1, y1, x2, y2, identity, score, best_match.
+    A face is searched against one template per person (the mean of
+    their photos) unless the gallery searches by photo, and takes the best
+    person when the cosine score clears the threshold. One CSV row per
+    face (a probe without a face: one row, identity no_face): source,
+    frame, x1, y1, x2, y2, identity, score, best_match, candidates.
     """
     from spherecli.recognition.identify import annotation_target, identify as run, write_csv
     from spherecli.core.outputs import Outputs
 
     with Outputs([gallery, probe, model, calibration]) as outputs:
-        for path, kind in ((output, "identities"), (cache, "gallery cache")):
-            if path:
-                outputs.file(path, kind)
+        if output:
+            outputs.file(output, "identities")
+        if cache:
+            outputs.folder(cache)
         annotation_target(outputs, probe, annotate)
         m = load_model(model, device, input_spec, threads, select, calibration, threshold, far)
-        known = m.gallery(gallery, cache=cache)
+        known = m.gallery(gallery, cache=cache, progress=not quiet)
         notes(known.notes)
-        console.print(f"gallery: {len(known.names)} {'person' if len(known.names) == 1 else 'people'}, "
+        console.print(f"gallery: {len(known)} {'person' if len(known) == 1 else 'people'}, "
                       f"{known.photos} photos; {m.calibration.describe()}")
         notes(m.calibration.notes)
-        rows = run(m, known, probe, every=every, annotate=annotate, progress=not quiet)
+        rows = run(m, known, probe, every=every, annotate=annotate, k=k, progress=not quiet)
         if output is None:
             notes(write_csv(rows, sys.stdout))
             return
         with open(output, "w", newline="", encoding="utf-8") as sink:
             notes(write_csv(rows, sink))
+
+
+@cli.command()
+@click.option("--probes", type=EXISTING_FOLDER, required=True, help="Aligned faces of the probe people, "
+              "PERSON/... (MegaFace: FaceScrub); each photo joins the distractors in turn.")
+@click.option("--distractors", type=EXISTING_FOLDER, required=True, help="Aligned faces of people not among "
+              "the probes (MegaFace: its million photos).")
+@click.option("--queries", type=EXISTING_FOLDER, help="Aligned faces searched instead of the probes' other "
+              "photos, PERSON/... with the probes' names (CFP's profile photos against its frontal ones).")
+@click.option("--probe-glob", help="Only probe photos whose path under --probes matches, e.g. '*/frontal/*'.")
+@click.option("--query-glob", help="Only query photos whose path under --queries matches.")
+@click.option("--distractor-glob", help="Only distractor photos whose path under --distractors matches.")
+@model
+@device
+@input_spec
+@threads
+@click.option("--calibration", type=EXISTING_FILE, help="Evaluation result JSON whose mean feature and flip "
+              "to use.  [default: MODEL.lfw.json]")
+@click.option("--sizes", type=Number(COUNT, count=0), help="Distractor counts to report.  [default: 10, "
+              "100, 1000, ... and all of them]")
+@click.option("-o", "--output", type=OutputPath("identification"), help="Result JSON.  "
+              "[default: MODEL.megaface.json]")
+@click.option("--cmc", type=OutputPath("png"), help="Also draw the CMC curves into this PNG.")
+@click.option("--devkit-features", type=OutputPath(folder=True), help="Also write every feature in the "
+              "MegaFace devkit's layout: DIR/probes/<path>_<algorithm>.bin and DIR/distractors/...")
+@click.option("--algorithm", default="sphereface", help="The devkit's file ending (its <algorithm> name).")
+@quiet
+def megaface(probes, distractors, queries, probe_glob, query_glob, distractor_glob, model, device, input_spec,
+             threads, calibration, sizes, output, cmc, devkit_features, algorithm, quiet):
+    """Identification among distractors by MegaFace's protocol, and NIST's open-set rates.
+
+    Prints rank-1 identification at 10, 100, ... distractors, TAR at FAR
+    1e-6, 1e-5, 1e-4 (probe pairs against probe-distractor pairs) and
+    FNIR at FPIR 1e-2 and 1e-3 (half the probe people enrolled); writes
+    them with the CMC curves to the result JSON.
+    """
+    from spherecli.evaluation.identification import run
+
+    m = load_model(model, device, input_spec, threads, calibration=calibration)
+    globs = {k: v for k, v in (("probes", probe_glob), ("queries", query_glob),
+                               ("distractors", distractor_glob)) if v}
+    r = run(m, probes, distractors, queries=queries, globs=globs, sizes=list(sizes) if sizes else None,
+            output=output, cmc_png=cmc, devkit=devkit_features, algorithm=algorithm, progress=not quiet)
+    notes(r["notes"][:10] + ([f"... and {len(r['notes']) - 10} more"] if len(r["notes"]) > 10 else []))
+    table = Table("distractors", "rank-1 (%)", "rank-10 (%)")
+    for n, rate in r["rank1"].items():
+        table.add_row(f"{int(n):,}", f"{100 * rate:.2f}", f"{100 * r['cmc'][n][-1]:.2f}")
+    stdout().print(table)
+    for far, v in r["verification"].items():
+        stdout().print(f"TAR at FAR {far}: {100 * v['tar']:.2f}%" + ("" if v["resolvable"] else
+                       f" (only {v['impostors']:,} impostor pairs: not resolved)"))
+    for fpir, v in r["open_set"].get("fnir_at_fpir", {}).items():
+        stdout().print(f"FNIR at FPIR {fpir}: {100 * v['fnir']:.2f}%" + ("" if v["resolvable"] else
+                       " (too few non-mated searches to resolve it)"))
+    console.print(f"wrote {r['output']}")
+
+
+@cli.group()
+def gallery():
+    """Enrol known people once and search them many times (identify --gallery).
+
+    \b
+    create   a new gallery for a model
+    enrol    photos: PERSON/photo.jpg folders, or photos of one person (--name)
+    remove   people or photos
+    list     the people enrolled and their photo counts
+    info     the model, calibration, counts and search index of a gallery
+    """
+
+
+GALLERY = click.argument("gallery_dir", metavar="GALLERY", type=click.Path(file_okay=False, path_type=Path))
+
+
+@gallery.command()
+@GALLERY
+@model
+@device
+@input_spec
+@click.option("--calibration", type=EXISTING_FILE, help="Evaluation result JSON whose mean feature to "
+              "centre features with.  [default: MODEL.lfw.json]")
+@click.option("--index", type=click.Choice(INDEX_CHOICES), default="auto", help="FAISS index: exact "
+              "(flat), or approximate (hnsw in memory, ivfpq compressed); auto is exact up to "
+              f"{AUTO_EXACT:,} vectors, then hnsw.")
+@click.option("--by", type=click.Choice(SEARCH_BY), default="template", help="Search one template per "
+              "person (the mean of their photos), or every photo (a person scores their best photo).")
+@click.option("--dtype", type=click.Choice(FEATURE_DTYPES), default="float32", help="How features are "
+              "stored.")
+def create(gallery_dir, model, device, input_spec, calibration, index, by, dtype):
+    """Create an empty gallery in a new folder for a model."""
+    from spherecli.recognition.gallery import Gallery
+
+    m = load_model(model, device, input_spec, 1, calibration=calibration)
+    with Gallery.create(gallery_dir, m, index=index, by=by, dtype=dtype) as g:
+        show(f"gallery -> {gallery_dir}", g.info())
+
+
+def gallery_model(g, model, device, input_spec, threads, select):
+    """The model a gallery was made with (or the one given, checked against it)."""
+    m = load_model(model or g.meta["model"], device, input_spec, threads, select,
+                   calibration=None if g.meta["calibration"] == "default" else g.meta["calibration"])
+    g.check(m)
+    return m
+
+
+@gallery.command()
+@GALLERY
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--name", help="The person all the SOURCES show (photos, or folders of their photos).  "
+              "[default: each photo's first folder under SOURCE]")
+@click.option("--model", type=EXISTING_FILE, help="The gallery's model, where it has moved.  "
+              "[default: the one it was created with]")
+@select
+@device
+@input_spec
+@threads
+@quiet
+def enrol(gallery_dir, sources, name, model, select, device, input_spec, threads, quiet):
+    """Enrol photos into a gallery: only new or changed ones are embedded; a killed
+    enrolment keeps what it committed, and the same command resumes."""
+    from spherecli.recognition.gallery import Gallery
+
+    with Gallery.open(gallery_dir) as g:
+        m = gallery_model(g, model, device, input_spec, threads, select)
+        summary = g.enrol(m, list(sources), name, progress=not quiet)
+        notes(g.notes)
+    show(f"enrol -> {gallery_dir}", summary)
+
+
+@gallery.command()
+@GALLERY
+@click.option("--person", "people", multiple=True, help="A person to remove with all their photos; "
+              "repeatable.")
+@click.option("--photo", "photos", multiple=True, type=click.Path(path_type=Path),
+              help="An enrolled photo to remove; repeatable.")
+def remove(gallery_dir, people, photos):
+    """Remove people or photos from a gallery (nothing is removed if one is not enrolled)."""
+    from spherecli.recognition.gallery import Gallery
+
+    if not people and not photos:
+        raise UserError("give --person or --photo")
+    with Gallery.open(gallery_dir) as g:
+        n = g.remove(people, [str(p) for p in photos])
+        console.print(f"removed {n} photo{'s' * (n != 1)}; {len(g)} people, {g.photos} photos remain")
+
+
+@gallery.command(name="list")
+@GALLERY
+def list_people(gallery_dir):
+    """The people of a gallery: photos with a face, and photos where none was found."""
+    from spherecli.recognition.gallery import Gallery
+
+    with Gallery.open(gallery_dir) as g:
+        table = Table("person", "photos", "no face")
+        for name, found, missed in g.people():
+            table.add_row(name, str(found), str(missed))
+        stdout().print(table)
+
+
+@gallery.command()
+@GALLERY
+def info(gallery_dir):
+    """What a gallery holds and how it is searched."""
+    from spherecli.recognition.gallery import Gallery
+
+    with Gallery.open(gallery_dir) as g:
+        show(f"gallery {gallery_dir}", g.info())
 
 
 @cli.command()

@@ -21,13 +21,14 @@ import cv2
 import pytest
 import torch
 
-from spherecli.cli import Number, OutputPath, cli
+from spherecli.cli import Number, OutputPath, leaf_commands
 from spherecli.core.formats import InputSpec, ModelFile
 from spherecli.core.images import walk_images
 from spherecli.models import create_model
 
 from conftest import DATA, sphereface_here as call, write_synthetic_faces
 
+COMMANDS = leaf_commands()
 # One working call per command, on the files of `work`; {o} is a fresh folder per call.
 BASE = {
     "detect": "detect {w}/photos -o {o}/m.jsonl -q",
@@ -39,7 +40,14 @@ BASE = {
                 "-o {o}/r.json -q",
     "verify": "verify {w}/photos/a/1.jpg {w}/photos/b/1.jpg --model {w}/m.pt",
     "identify": "identify --gallery {w}/gallery --probe {w}/probe.jpg --model {w}/m.pt "
-                "--cache {o}/cache.npz -q",
+                "--cache {o}/cache -q",
+    "gallery create": "gallery create {o}/g --model {w}/m.pt",
+    "gallery enrol": "gallery enrol {w}/enrolled {w}/photos -q",
+    "gallery remove": "gallery remove {w}/enrolled-once --person b",  # called once: b is gone after it
+    "gallery list": "gallery list {w}/enrolled",
+    "gallery info": "gallery info {w}/enrolled",
+    "megaface": "megaface --probes {w}/aligned --distractors {w}/distractors --model {w}/m.pt "
+                "-o {o}/megaface.json -q",
     "embed": "embed {w}/aligned --aligned --model {w}/m.pt -o {o}/f.npz -q",
     "export": "export {w}/m.pt -o {o}/m.onnx",
     "import": "import {w}/068.ckpt -o {o}/imported.pt",
@@ -82,6 +90,10 @@ def work(tmp_path_factory):
     torch.save({"iters": 1, "net_state_dict": create_model("mobilefacenet").state_dict()}, w / "068.ckpt")
     (w / "notes.txt").write_text("a file of the user's, of no kind spherecli writes\n")
     assert call(f"detect {w}/photos -o {w}/photos.jsonl -q".split()) == 0
+    write_synthetic_faces(w / "distractors", people=3, per_person=2, seed=1)
+    for gallery in ("enrolled", "enrolled-once"):
+        assert call(f"gallery create {w}/{gallery} --model {w}/m.pt".split()) == 0
+        assert call(f"gallery enrol {w}/{gallery} {w}/photos -q".split()) == 0
     assert call(f"train --list {w}/list.txt --arch sphere4 --out {w}/run --max-iter 1 --batch-size 4 "
                 f"--workers 0 --device cpu -q".split()) == 0
     return w
@@ -110,7 +122,7 @@ def with_value(args: list[str], param, value: str) -> list[str]:
 
 def declared(kind):
     """(command, option) of every option whose type is `kind`."""
-    return [(name, p) for name, command in sorted(cli.commands.items()) for p in command.params
+    return [(name, p) for name, command in sorted(COMMANDS.items()) for p in command.params
             if isinstance(p.type, kind)]
 
 
@@ -136,7 +148,7 @@ def one_error_line(capsys) -> str:
 
 
 def test_every_command_has_a_working_call(work, tmp_path, capsys):
-    assert set(BASE) == set(cli.commands), "add a working call of the new command to BASE"
+    assert set(BASE) == set(COMMANDS), "add a working call of the new command to BASE"
     for command in BASE:
         status = call(base_args(command, work, tmp_path))
         err = capsys.readouterr().err
@@ -148,7 +160,7 @@ def test_every_command_has_a_working_call(work, tmp_path, capsys):
 def test_an_output_never_lands_on_an_input_or_a_foreign_file(work, tmp_path, capsys, command, param):
     args = base_args(command, work, tmp_path)
     targets = inputs_of(args) + [str(work / "notes.txt")]
-    flags = [[], ["--overwrite"]] if any(p.name == "overwrite" for p in cli.commands[command].params) \
+    flags = [[], ["--overwrite"]] if any(p.name == "overwrite" for p in COMMANDS[command].params) \
         else [[]]
     for target in targets:
         for extra in flags:

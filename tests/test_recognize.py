@@ -17,7 +17,7 @@ from spherecli.models.export import export
 from spherecli.core.formats import read_manifest
 from spherecli.recognition.calibration import Calibration
 from spherecli.evaluation.metrics import angular_fisher_score
-from spherecli.recognition.gallery import gallery
+from spherecli.recognition.gallery import Gallery, cached
 from spherecli.api import load
 from spherecli.recognition.recognize import FaceEmbedder, embed_folder
 from spherecli.training.train import launch
@@ -79,16 +79,17 @@ def test_identify_photos_one_row_per_detected_face(model, wild_split, tmp_path):
     a = np.asarray(Image.open(tmp_path / "annotated" / first), dtype=int)
     b = np.asarray(Image.open(wild_split / "probe" / first).convert("RGB"), dtype=int)
     assert a.shape == b.shape and np.abs(a - b).max() > 100
-    # The second run reads the gallery from its cache: an embedder that cannot detect
-    # faces still gets every gallery photo's feature.
-    assert (wild_split / "gallery" / ".sphereface-gallery.npz").exists()
+    # The second run reads the gallery from its cache: a model that cannot detect faces
+    # still finds every gallery person, and embeds nothing.
+    m = load(model)
+    assert list((wild_split / "gallery" / ".sphereface-gallery").glob("*/gallery.sqlite"))
 
-    class Blind(FaceEmbedder):
-        def photo(self, path):
-            raise AssertionError("the cache should have answered")
+    def blind(path):
+        raise AssertionError("the cache should have answered")
 
-    people, feats, notes = gallery(Blind(model), wild_split / "gallery", load(model).key)
-    assert len(people) == 25 and feats.shape[0] == 25 and not notes
+    m.embedder.photo = blind
+    again = cached(m, wild_split / "gallery")
+    assert len(again) == 25 and again.photos == 25 and not again.notes
 
 
 def test_identify_a_video(model, wild_split, tmp_path):
@@ -216,27 +217,129 @@ def test_a_gallery_cache_that_cannot_be_read_is_made_again_and_a_dangling_link_i
     import shutil
 
     root = tmp_path / "gallery"
-    shutil.copytree(wild_split / "gallery", root)
-    (root / ".sphereface-gallery.npz").unlink(missing_ok=True)
+    shutil.copytree(wild_split / "gallery", root, ignore=shutil.ignore_patterns(".sphereface-gallery"))
     people = sorted(p.name for p in root.iterdir() if p.is_dir())[:3]
     for person in sorted(p.name for p in root.iterdir() if p.is_dir())[3:]:
         shutil.rmtree(root / person)
     (root / people[0] / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
-    # Object arrays would unpickle: a cache that holds them is refused, never loaded.
-    np.savez(root / ".sphereface-gallery.npz", model=np.array([{"a": 1}], dtype=object),
-             paths=np.array(["x"], dtype=object))
-    emb, key = FaceEmbedder(model), load(model).key
-    found, feats, notes = gallery(emb, root, key)
-    assert sorted(set(found)) == people and len(feats) == 3
-    assert any("not a readable gallery cache" in n and "made again" in n for n in notes), notes
-    assert any("gone.jpg" in n for n in notes), notes
-    again, _, notes = gallery(emb, root, key)
-    assert again == found and not [n for n in notes if "gallery cache" in n]
-    # A file of the user's where the cache would go is left alone.
-    (tmp_path / "mine.npz").write_bytes(b"my own bytes")
-    with pytest.raises(UserError, match="exists and is not a gallery cache"):
-        gallery(emb, root, key, cache=tmp_path / "mine.npz")
-    assert (tmp_path / "mine.npz").read_bytes() == b"my own bytes"
+    m = load(model)
+    where = root / ".sphereface-gallery" / m.key[:16]
+    where.mkdir(parents=True)
+    (where / "gallery.sqlite").write_bytes(b"not a database at all" * 100)
+    found = cached(m, root)
+    assert sorted(n for n, _, _ in found.people()) == people and found.photos == 3
+    assert any("not a readable gallery database" in n and "made again" in n for n in found.notes), found.notes
+    assert any("gone.jpg" in n for n in found.notes), found.notes
+    again = cached(m, root)
+    assert again.people() == found.people() and not [n for n in again.notes if "database" in n]
+    # A folder of the user's named as the cache is left alone.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my own words")
+    with pytest.raises(UserError, match="not an empty folder"):
+        cached(m, root, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "my own words"
+
+
+def test_gallery_enrol_search_remove_and_enrol_again(model, data, tmp_path):
+    """A gallery searched by photo: every enrolled photo finds its own person at score 1;
+    enrolling again embeds nothing, a changed photo is embedded again, a removed person is
+    never answered, and enrolling them again brings them back."""
+    import shutil
+
+    wild = data / "wild"
+    people = sorted(p.name for p in wild.iterdir())[:4]
+    photos = tmp_path / "photos"
+    for person in people:
+        shutil.copytree(wild / person, photos / person)
+    m = load(model, threshold=0.3)
+    g = Gallery.create(tmp_path / "g", m, by="photo")
+    first = g.enrol(m, photos)
+    assert first["enrolled"] + first["without_a_face"] == 32 and len(g) == 4
+    assert {n for n, _, _ in g.people()} == set(people)
+    probe = sorted((photos / people[1]).iterdir())[0]
+    (match,) = m.identify(probe, g, k=3)[:1]
+    assert match.identity == people[1] and match.score == pytest.approx(1.0, abs=1e-4)
+    assert match.candidates[0].photo == str(probe.resolve()) and len(match.candidates) == 3
+    assert first["enrolled"] == g.photos
+    assert g.enrol(m, photos)["unchanged"] == 32
+    shutil.copy(sorted((wild / people[0]).iterdir())[0], probe)  # the photo now shows someone else
+    changed = g.enrol(m, photos)
+    assert changed["enrolled"] == 1 and changed["unchanged"] == 31
+    n = dict((name, found) for name, found, _ in g.people())[people[2]]
+    assert g.remove([people[2]]) == n and len(g) == 3
+    for answers in g.search(m.calibration.unit(m.embed(sorted((photos / people[2]).iterdir())[:4])), k=3):
+        assert people[2] not in [c.name for c in answers]
+    with pytest.raises(UserError, match="no enrolled 'nobody'"):
+        g.remove(["nobody", people[0]])
+    assert len(g) == 3, "a remove naming someone not enrolled removes nothing"
+    assert g.enrol(m, photos)["enrolled"] == n and len(g) == 4
+    # Opened again from its folder, the gallery answers as before, from its saved index.
+    reopened = Gallery.open(tmp_path / "g")
+    assert reopened.info()["people"] == 4 and reopened.meta["index_file"][1] == reopened.meta["generation"]
+
+
+def test_a_gallery_refuses_a_model_whose_features_differ(model, tmp_path):
+    from spherecli.core.formats import ModelFile
+
+    m = load(model)
+    g = Gallery.create(tmp_path / "g", m)
+    with pytest.raises(UserError, match="differs in its flip mode"):
+        g.check(load(model, flip="sum"))
+    other = ModelFile.load(model)
+    name = next(k for k, v in other.weights.items() if v.is_floating_point())
+    other.weights[name] = other.weights[name] + 1e-3
+    other.save(tmp_path / "other.pt")
+    with pytest.raises(UserError, match="differs in its network weights"):
+        g.enrol(load(tmp_path / "other.pt"), tmp_path)
+    r = subprocess.run(SPHEREFACE + ["gallery", "enrol", str(tmp_path / "g"), str(tmp_path),
+                                     "--model", str(tmp_path / "other.pt")], capture_output=True, text=True)
+    assert r.returncode == 2 and "differs in its network weights" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(SPHEREFACE + ["gallery", "create", str(tmp_path / "g"), "--model", str(model)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "is a gallery already" in r.stderr
+
+
+def test_a_killed_enrolment_loses_nothing_enrolled_before_it(model, data, tmp_path):
+    """SIGKILL in the middle of `gallery enrol`: every batch committed before the kill is
+    there, the database is whole, and the same command enrols only the rest."""
+    import signal
+    import sqlite3
+    import time
+
+    gallery = tmp_path / "g"
+    subprocess.run(SPHEREFACE + ["gallery", "create", str(gallery), "--model", str(model)], check=True,
+                   capture_output=True)
+    enrol = SPHEREFACE + ["gallery", "enrol", str(gallery), str(data / "wild"), "-q"]
+    proc = subprocess.Popen(enrol, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    committed, deadline = 0, time.time() + 240
+    while committed < 40 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            with sqlite3.connect(f"file:{gallery / 'gallery.sqlite'}?mode=ro", uri=True) as db:
+                committed = db.execute("SELECT COUNT(*) FROM photos").fetchone()[0]
+        except sqlite3.Error:
+            pass
+    assert proc.poll() is None, "enrolment ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(gallery / "gallery.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        kept = db.execute("SELECT COUNT(*) FROM photos").fetchone()[0]
+    assert 40 <= kept < 200
+    r = subprocess.run(enrol, capture_output=True, text=True, check=True)
+    assert _row(r.stderr, "unchanged") == kept
+    assert _row(r.stderr, "enrolled") + _row(r.stderr, "without a face") == 200 - kept
+    with sqlite3.connect(gallery / "gallery.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM photos").fetchone()[0] == 200
+
+
+def _row(table: str, key: str) -> int:
+    """A number of one row of a summary table."""
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) == 2 and cells[0] == key:
+            return int(cells[1])
+    raise AssertionError(f"no {key!r} row in {table}")
 
 
 def test_a_photo_is_detected_as_detect_does_large_ones_downscaled(model, data, tmp_path):

@@ -8,7 +8,8 @@
 - a training run's folder and its log.jsonl
 - features (`.npz`, from `evaluate --save-features` and `embed`), evaluation results
   (`MODEL.lfw.json`) and where they go, per-pair scores, identities
-- a gallery's feature cache (`.sphereface-gallery.npz`)
+- a gallery (`gallery.sqlite` and its FAISS index files), and features in the MegaFace
+  devkit's binary layout
 
 docs/formats.md describes them for people; this module is the definition.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -563,7 +563,9 @@ def result_path(model: str | Path, benchmark: str = "lfw") -> Path:
 # --------------------------------------------------------------------------- scores and identities
 
 SCORES_COLUMNS = ("left", "right", "same", "score")
-IDENTITY_COLUMNS = ("source", "frame", "x1", "y1", "x2", "y2", "identity", "score", "best_match")
+# candidates: the k best people, best first, as name=score;name=score
+IDENTITY_COLUMNS = ("source", "frame", "x1", "y1", "x2", "y2", "identity", "score", "best_match",
+                    "candidates")
 
 
 def write_scores(path: str | Path, left, right, same, scores) -> None:
@@ -592,29 +594,88 @@ def read_result(path: str | Path, needs: tuple[str, ...]) -> dict:
     return result
 
 
-# --------------------------------------------------------------------------- gallery cache
+# --------------------------------------------------------------------------- gallery
 
-def write_gallery_cache(path: str | Path, key: str, paths: list[str], keys: list[str],
-                        features: np.ndarray) -> None:
-    """`GALLERY/.sphereface-gallery.npz`: the model key (`api.Model.key`), each photo's path
-    under the gallery and file key (size:mtime_ns), and its feature."""
-    write_npz(path, model=key, paths=np.array(paths, dtype=str), keys=np.array(keys, dtype=str),
-              features=np.asarray(features))
+GALLERY_FORMAT, GALLERY_VERSION = "spherecli.gallery", 1
+GALLERY_DB = "gallery.sqlite"
+# people and their photos; a photo's feature is its unit (centred, normalised) feature as
+# little-endian float32 or float16 bytes, NULL where no face was found (so that enrolling
+# the photo again is skipped until the file changes); stamp is the file's size:mtime_ns.
+GALLERY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS people (id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL);
+CREATE TABLE IF NOT EXISTS photos (
+    id INTEGER PRIMARY KEY,
+    person INTEGER NOT NULL REFERENCES people(id) ON DELETE CASCADE,
+    source TEXT UNIQUE NOT NULL,
+    stamp TEXT NOT NULL,
+    feature BLOB,
+    box TEXT,
+    note TEXT);
+CREATE INDEX IF NOT EXISTS photos_person ON photos(person);
+"""
+
+def is_gallery(folder: str | Path) -> bool:
+    return (Path(folder) / GALLERY_DB).is_file()
 
 
-def read_gallery_cache(path: str | Path, key: str) -> dict[tuple[str, str], np.ndarray]:
-    """The cached features by (path, file key); empty for a cache of another model key. One
-    that cannot be read is a UserError: no pickles (allow_pickle=False), every array checked."""
+def gallery_index_path(folder: str | Path, by: str, kind: str) -> Path:
+    """A gallery's FAISS index of its templates or photos; it is current when the gallery's
+    meta `index` names this file and the gallery's generation (written after the file)."""
+    return Path(folder) / f"index.{by}.{kind}.faiss"
+
+
+def open_gallery_db(folder: str | Path, create: bool = False):
+    """The gallery's SQLite database (WAL: searches read while an enrolment writes; every
+    update one transaction), its layout checked. Returns (connection, meta)."""
+    import sqlite3
+
+    path = Path(folder) / GALLERY_DB
+    if not create and not path.is_file():
+        raise UserError(f"{folder}: not a gallery (no {GALLERY_DB}; `sphereface gallery create` makes one)")
     try:
-        with np.load(path, allow_pickle=False) as c:
-            if str(c["model"]) != key:
-                return {}
-            paths, keys, feats = c["paths"], c["keys"], c["features"]
-            if feats.ndim != 2 or not len(paths) == len(keys) == len(feats) or feats.dtype.kind != "f":
-                raise ValueError("arrays of mismatched shapes")
-            return {(str(p), str(k)): f for p, k, f in zip(paths, keys, feats)}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: not a readable gallery cache ({excerpt(e, 80)})") from None
+        db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        if create:
+            db.executescript(GALLERY_SCHEMA)
+        meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    except (sqlite3.Error, ValueError) as e:
+        raise UserError(f"{path}: not a readable gallery database ({excerpt(e, 80)})") from None
+    if not create and (meta.get("format") != GALLERY_FORMAT or meta.get("version") != GALLERY_VERSION):
+        raise UserError(f"{path}: not a spherecli gallery of version {GALLERY_VERSION} "
+                        f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+    return db, meta
+
+
+def write_gallery_meta(db, values: dict) -> None:
+    """Meta values (JSON text), inside the caller's transaction."""
+    db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                   [(k, json.dumps(v)) for k, v in values.items()])
+
+
+def feature_blob(vector: np.ndarray, dtype: str) -> bytes:
+    return np.asarray(vector, dtype="<f4" if dtype == "float32" else "<f2").tobytes()
+
+
+def blob_features(blobs: list[bytes], dtype: str, dim: int) -> np.ndarray:
+    """(N, dim) float32 features of feature_blob's bytes."""
+    raw = np.frombuffer(b"".join(blobs), dtype="<f4" if dtype == "float32" else "<f2")
+    return raw.reshape(len(blobs), dim).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- MegaFace devkit features
+
+def write_devkit_feature(path: str | Path, vector: np.ndarray) -> None:
+    """One feature in the MegaFace devkit's binary layout (an OpenCV matrix as its matio
+    writes it): int32 rows (the dimension), cols (1), element size (4) and type (5,
+    CV_32F), then the float32 values, all little-endian. The devkit reads
+    FEATURE_DIR/<image path>_<algorithm>.bin."""
+    v = np.asarray(vector, dtype="<f4").ravel()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(np.array([len(v), 1, 4, 5], dtype="<i4").tobytes() + v.tobytes())
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -708,7 +769,8 @@ KINDS = {
     "scores": Kind("a pair scores CSV", lambda p: _first_line(p) == ",".join(SCORES_COLUMNS)),
     "identities": Kind("an identify CSV", lambda p: _first_line(p) == ",".join(IDENTITY_COLUMNS)),
     "features": Kind("a features file", lambda p: {"names.npy", "features.npy"} <= _zip_members(p)),
-    "gallery cache": Kind("a gallery cache", lambda p: {"model.npy", "paths.npy"} <= _zip_members(p)),
+    "identification": Kind("an identification result", lambda p: _json_object(p).get("protocol")
+                           == "megaface"),
     "image cache": Kind("a decoded-image cache", lambda p: _is_image_cache(p)),
     "cache key": Kind("an image cache's key file",
                       lambda p: _json_object(p).get("format") == "spherecli.cache"),

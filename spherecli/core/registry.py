@@ -90,6 +90,8 @@ SELECT_RULES = ("center", "largest", "confident")  # which face of several detec
 NO_FACE_RULES = ("skip", "mean")                  # align: images without a face
 STALL_ACTIONS = ("warn", "stop", "ignore")        # when training looks stalled
 RUNTIMES = ("auto", "torch", "onnxruntime")       # what runs a model file in evaluate
+SEARCH_BY = ("template", "photo")                # a gallery: a template per person, or every photo
+FEATURE_DTYPES = ("float32", "float16")          # how a gallery stores features
 
 # LFW's image path for (name, number) under an aligned folder, as pairs.txt names them.
 LFW_PATTERN = "{name}/{name}_{num:04d}.jpg"

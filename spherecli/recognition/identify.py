@@ -87,8 +87,9 @@ def draw(rgb: np.ndarray, rows: list[dict]) -> np.ndarray:
 
 
 def identify(model, gallery, probe: str | Path, *, every: int = 1, annotate: str | Path | None = None,
-             progress: bool = False):
-    """Yield one row per detected probe face: source, frame, box, identity, score, best match;
+             k: int = 1, progress: bool = False):
+    """Yield one row per detected probe face: source, frame, box, identity, score, best match
+    and the k best candidates;
     a photo or frame without a face gets one row with identity "no_face", and one that
     cannot be read a row with its "error". model is an `api.Model`, gallery its `Gallery`.
 
@@ -108,13 +109,14 @@ def identify(model, gallery, probe: str | Path, *, every: int = 1, annotate: str
             for source, frame, rgb, faces in tqdm(frames, total=total, desc="identify", disable=not progress,
                                                   unit="frame" if is_video(probe) else "photo",
                                                   dynamic_ncols=True):
-                empty = {"source": source, "frame": frame, "box": None, "score": None, "best_match": None}
+                empty = {"source": source, "frame": frame, "box": None, "score": None, "best_match": None,
+                         "candidates": []}
                 if isinstance(rgb, Exception):
                     yield {**empty, "identity": "error", "error": describe_error(rgb)}
                     continue
                 rows = [{"source": source, "frame": frame, "box": m.face.box, "identity": m.identity,
-                         "score": m.score, "best_match": m.best_match}
-                        for m in model.match(rgb, faces, gallery)]
+                         "score": m.score, "best_match": m.best_match, "candidates": m.candidates}
+                        for m in model.match(rgb, faces, gallery, k)]
                 yield from rows or [{**empty, "identity": "no_face"}]
                 if annotate is None:
                     continue
@@ -159,7 +161,9 @@ def write_csv(rows, sink) -> list[str]:
         if row.get("error"):
             errors.append(f"{row['source']}: {row['error']}")
         box = [f"{v:.1f}" for v in row["box"]] if row["box"] else [""] * 4
+        candidates = ";".join(f"{c.name}={c.score:.4f}" for c in row["candidates"])
         writer.writerow([row["source"], "" if row["frame"] is None else row["frame"], *box, row["identity"],
-                         "" if row["score"] is None else f"{row['score']:.4f}", row["best_match"] or ""])
+                         "" if row["score"] is None else f"{row['score']:.4f}", row["best_match"] or "",
+                         candidates])
         sink.flush()
     return errors

@@ -3,6 +3,7 @@ data was, then embedded (FaceEmbedder); or a whole folder embedded."""
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -78,15 +79,17 @@ class FaceEmbedder:
 
 
 def embed_folder(embedder: FaceEmbedder, root: str | Path, *, aligned: bool = False, select: str = "center",
-                 progress: bool = True, desc: str = "embed") -> tuple[list[str], np.ndarray, list[str]]:
-    """Features of every image under root: raw photos are detected and aligned
-    first (one face each, by select); with aligned=True they are used as they are."""
+                 progress: bool = True, desc: str = "embed", include: str | None = None
+                 ) -> tuple[list[str], np.ndarray, list[str]]:
+    """Features of every image under root (or those whose path under it matches the glob
+    include): raw photos are detected and aligned first (one face each, by select); with
+    aligned=True they are used as they are."""
     from tqdm import tqdm
 
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: no such directory")
-    rels = list(walk_images(root))
+    rels = [r for r in walk_images(root) if include is None or fnmatch.fnmatchcase(r, include)]
     names, feats, notes = [], [], []
     batch: list[tuple[str, np.ndarray]] = []
 
@@ -97,7 +100,8 @@ def embed_folder(embedder: FaceEmbedder, root: str | Path, *, aligned: bool = Fa
             batch.clear()
 
     if not rels:
-        raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under it")
+        which = f" matching {include!r}" if include else ""
+        raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}){which} under it")
     for rel in tqdm(rels, unit="img", desc=desc, disable=not progress, dynamic_ncols=True):
         try:
             crop = load_face(str(root / rel)) if aligned else embedder.photo_crop(root / rel, select)[0]
