@@ -175,13 +175,18 @@ class Model:
         several faces was taken)."""
         crops, notes = [], []
         for image in images:
-            if not isinstance(image, (str, Path)) and as_rgb(image).shape[:2] == tuple(self.spec.size):
-                crops.append(as_rgb(image)[:, :, ::-1])
-                continue
-            crop, _, note = self.embedder.photo_crop(image, self.select)
+            crop, _, note = self.crop(image)
             crops.append(crop)
             notes += [note] if note else []
         return crops, notes
+
+    def crop(self, image) -> tuple[np.ndarray, list | None, str]:
+        """One image's aligned BGR crop, its face's box (None for an aligned crop given as
+        it is) and a note; no face is a UserError."""
+        if not isinstance(image, (str, Path)) and as_rgb(image).shape[:2] == tuple(self.spec.size):
+            return as_rgb(image)[:, :, ::-1], None, ""
+        crop, face, note = self.embedder.photo_crop(image, self.select)
+        return crop, face["box"], note
 
     def embed(self, images) -> np.ndarray:
         """Features (not normalised; `calibration.unit` makes them ready for cosine) of one

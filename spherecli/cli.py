@@ -117,6 +117,7 @@ class OutputPath(click.Path):
 FILE = click.Path(dir_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 EXISTING_FOLDER = click.Path(file_okay=False, exists=True, path_type=Path)
+FOLDER_OR_FEATURES = click.Path(exists=True, path_type=Path)
 quiet = click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 select = click.option("--select", type=click.Choice(SELECT_RULES), default="center",
                       help="Which face of a photo with several: nearest the centre (the original), "
@@ -509,12 +510,14 @@ def identify(gallery, probe, model, select, device, input_spec, threads, calibra
 
 
 @cli.command()
-@click.option("--probes", type=EXISTING_FOLDER, required=True, help="Aligned faces of the probe people, "
-              "PERSON/... (MegaFace: FaceScrub); each photo joins the distractors in turn.")
-@click.option("--distractors", type=EXISTING_FOLDER, required=True, help="Aligned faces of people not among "
-              "the probes (MegaFace: its million photos).")
-@click.option("--queries", type=EXISTING_FOLDER, help="Aligned faces searched instead of the probes' other "
-              "photos, PERSON/... with the probes' names (CFP's profile photos against its frontal ones).")
+@click.option("--probes", type=FOLDER_OR_FEATURES, required=True, help="Aligned faces of the probe people, "
+              "PERSON/... (MegaFace: FaceScrub), or their features from `sphereface embed --aligned`; each "
+              "photo joins the distractors in turn.")
+@click.option("--distractors", type=FOLDER_OR_FEATURES, required=True, help="Aligned faces of people not "
+              "among the probes (MegaFace: its million photos), or their features.")
+@click.option("--queries", type=FOLDER_OR_FEATURES, help="Aligned faces (or features) searched instead of "
+              "the probes' other photos, PERSON/... with the probes' names (CFP's profile photos against its "
+              "frontal ones).")
 @click.option("--probe-glob", help="Only probe photos whose path under --probes matches, e.g. '*/frontal/*'.")
 @click.option("--query-glob", help="Only query photos whose path under --queries matches.")
 @click.option("--distractor-glob", help="Only distractor photos whose path under --distractors matches.")
@@ -526,6 +529,9 @@ def identify(gallery, probe, model, select, device, input_spec, threads, calibra
               "to use.  [default: MODEL.lfw.json]")
 @click.option("--sizes", type=Number(COUNT, count=0), help="Distractor counts to report.  [default: 10, "
               "100, 1000, ... and all of them]")
+@click.option("--clean", is_flag=True, help="Leave out distractor identities (first folders) with a photo "
+              "that scores against a probe person's template above any probe photo's score against another "
+              "probe person's: likely the same people.  [default: MegaFace's protocol as it is]")
 @click.option("-o", "--output", type=OutputPath("identification"), help="Result JSON.  "
               "[default: MODEL.megaface.json]")
 @click.option("--cmc", type=OutputPath("png"), help="Also draw the CMC curves into this PNG.")
@@ -534,7 +540,7 @@ def identify(gallery, probe, model, select, device, input_spec, threads, calibra
 @click.option("--algorithm", default="sphereface", help="The devkit's file ending (its <algorithm> name).")
 @quiet
 def megaface(probes, distractors, queries, probe_glob, query_glob, distractor_glob, model, device, input_spec,
-             threads, calibration, sizes, output, cmc, devkit_features, algorithm, quiet):
+             threads, calibration, sizes, clean, output, cmc, devkit_features, algorithm, quiet):
     """Identification among distractors by MegaFace's protocol, and NIST's open-set rates.
 
     Prints rank-1 identification at 10, 100, ... distractors, TAR at FAR
@@ -548,8 +554,13 @@ def megaface(probes, distractors, queries, probe_glob, query_glob, distractor_gl
     globs = {k: v for k, v in (("probes", probe_glob), ("queries", query_glob),
                                ("distractors", distractor_glob)) if v}
     r = run(m, probes, distractors, queries=queries, globs=globs, sizes=list(sizes) if sizes else None,
-            output=output, cmc_png=cmc, devkit=devkit_features, algorithm=algorithm, progress=not quiet)
+            clean=clean, output=output, cmc_png=cmc, devkit=devkit_features, algorithm=algorithm,
+            progress=not quiet)
     notes(r["notes"][:10] + ([f"... and {len(r['notes']) - 10} more"] if len(r["notes"]) > 10 else []))
+    if r["cleaned"]:
+        c = r["cleaned"]
+        console.print(f"cleaned: {c['identities_removed']} distractor identities ({c['photos_removed']} "
+                      f"photos) score {c['threshold']:.3f} or more against a probe person's template")
     table = Table("distractors", "rank-1 (%)", "rank-10 (%)")
     for n, rate in r["rank1"].items():
         table.add_row(f"{int(n):,}", f"{100 * rate:.2f}", f"{100 * r['cmc'][n][-1]:.2f}")
@@ -694,10 +705,11 @@ def embed(root, output, model, select, device, input_spec, threads, aligned, fli
 
     with Outputs([root, model]) as outputs:
         outputs.file(output, "features")
-        emb = load_model(model, device, input_spec, threads, flip=flip).embedder
-        names, feats, found = embed_folder(emb, root, aligned=aligned, select=select, progress=not quiet)
+        m = load_model(model, device, input_spec, threads, flip=flip)
+        names, feats, found = embed_folder(m.embedder, root, aligned=aligned, select=select,
+                                           progress=not quiet)
         notes(found)
-        save_features(output, names, feats, flip=flip)
+        save_features(output, names, feats, flip=flip, network=m.identity["network"])
     console.print(f"{len(names)} features of size {feats.shape[1]} -> {output}")
 
 

@@ -86,3 +86,46 @@ def test_devkit_feature_file_byte_for_byte(tmp_path):
     path = tmp_path / "Adam_Brody" / "Adam_Brody_277.png_sphereface.bin"
     write_devkit_feature(path, np.array([1.0, -2.0, 0.5]))
     assert path.read_bytes() == struct.pack("<4i", 3, 1, 4, 5) + struct.pack("<3f", 1.0, -2.0, 0.5)
+
+
+def test_megaface_command_from_folders_and_from_embedded_features(tmp_path):
+    """`sphereface megaface` on aligned folders writes the result, the CMC chart and one devkit
+    file per face; the same run on `sphereface embed` features gives the same numbers, and
+    features of another flip mode are refused."""
+    import json
+
+    import torch
+
+    from conftest import sphereface_here as call, write_synthetic_faces
+    from spherecli.core.formats import InputSpec, ModelFile
+    from spherecli.models import create_model
+
+    probes = write_synthetic_faces(tmp_path / "probes", people=4, per_person=3)
+    distractors = write_synthetic_faces(tmp_path / "distractors", people=6, per_person=2, seed=1)
+    torch.manual_seed(0)
+    net = create_model("sphere4")
+    ModelFile("sphere4", net.model_args, net.state_dict(), InputSpec()).save(tmp_path / "m.pt")
+    m = str(tmp_path / "m.pt")
+    assert call(["megaface", "--probes", str(probes), "--distractors", str(distractors), "--model", m,
+                 "-o", str(tmp_path / "r.json"), "--cmc", str(tmp_path / "cmc.png"), "--devkit-features",
+                 str(tmp_path / "devkit"), "-q"]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["distractors"] == 12 and r["mated_searches"] == 4 * 3 * 2 and list(r["rank1"]) == ["10", "12"]
+    assert (tmp_path / "cmc.png").read_bytes()[:4] == b"\x89PNG"
+    bins = sorted((tmp_path / "devkit").rglob("*_sphereface.bin"))
+    assert len(bins) == 12 + 12
+    assert (tmp_path / "devkit/probes/person00/000.jpg_sphereface.bin") in bins
+    header = np.frombuffer(bins[0].read_bytes()[:16], "<i4")
+    assert list(header[1:]) == [1, 4, 5] and bins[0].stat().st_size == 16 + 4 * header[0]
+    for role, folder in (("p", probes), ("d", distractors)):
+        assert call(["embed", str(folder), "--aligned", "--model", m, "-o", str(tmp_path / f"{role}.npz"),
+                     "-q"]) == 0
+    assert call(["megaface", "--probes", str(tmp_path / "p.npz"), "--distractors", str(tmp_path / "d.npz"),
+                 "--model", m, "-o", str(tmp_path / "again.json"), "-q"]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["rank1"] == r["rank1"] and again["verification"] == r["verification"]
+    assert call(["embed", str(distractors), "--aligned", "--model", m, "--flip", "sum",
+                 "-o", str(tmp_path / "sum.npz"), "-q"]) == 0
+    assert call(["megaface", "--probes", str(tmp_path / "p.npz"), "--distractors", str(tmp_path / "sum.npz"),
+                 "--model", m, "-o", str(tmp_path / "no.json"), "-q"]) == 2
+    assert not (tmp_path / "no.json").exists()

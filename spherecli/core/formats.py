@@ -523,12 +523,14 @@ def read_log(path: str | Path) -> list[dict]:
 
 # --------------------------------------------------------------------------- features and results
 
-def save_features(path: str | Path, names, features, *, flip: str, amp: str = "none") -> None:
+def save_features(path: str | Path, names, features, *, flip: str, amp: str = "none",
+                  network: str = "") -> None:
     """`.npz` of image names (paths under the data folder), float32 features (one row per
-    name), and how they were made: flip mode and precision. Written by `evaluate
-    --save-features` and `embed`; read by `evaluate --features`."""
+    name), and how they were made: flip mode, precision and (from `embed`) the network
+    file's SHA-1. Written by `evaluate --save-features` and `embed`; read by `evaluate
+    --features` and `megaface`."""
     write_npz(path, names=np.array(list(names), dtype=str), features=np.asarray(features, np.float32),
-              flip=flip, amp=amp)
+              flip=flip, amp=amp, network=network)
 
 
 def write_npz(path: str | Path, **arrays) -> None:
@@ -548,7 +550,7 @@ def load_features(path: str | Path) -> tuple[list[str], np.ndarray, dict]:
     try:
         with np.load(path) as f:
             names, feats = [str(n) for n in f["names"]], f["features"].astype(np.float64)
-            made = {k: str(f[k]) for k in ("flip", "amp") if k in f}
+            made = {k: str(f[k]) for k in ("flip", "amp", "network") if k in f}
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{path}: not a features file of names and features ({e})") from None
     return names, feats, made

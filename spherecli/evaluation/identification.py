@@ -88,6 +88,30 @@ def megaface(probes: np.ndarray, probe_labels, distractors: np.ndarray, *, queri
     }
 
 
+def suspected_probes(probes: np.ndarray, probe_labels, distractors: np.ndarray, distractor_ids) -> dict:
+    """Distractor identities that look like probe people: those with a photo scoring, against
+    a probe person's template (the normalised mean of their probe photos), at or above the
+    highest score any probe photo reaches against another probe person's template. With
+    unnamed distractors (CelebA publishes no names) overlap cannot be checked by name;
+    MegaFace's own lists were cleaned of such faces later, by hand. Returns the threshold
+    and the mask of distractors kept."""
+    probe_labels = np.asarray(probe_labels, dtype=str)
+    people, owner = np.unique(probe_labels, return_inverse=True)
+    t = np.zeros((len(people), probes.shape[1]), np.float64)
+    np.add.at(t, owner, probes)
+    t = (t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    own = probes.astype(np.float32) @ t.T
+    own[np.arange(len(probes)), owner] = -np.inf
+    threshold = float(own.max()) if len(people) > 1 else 1.0
+    best = np.concatenate([block.max(axis=1) for _, block in _blocks(distractors, t)]) \
+        if len(distractors) else np.zeros(0)
+    ids = np.asarray(distractor_ids, dtype=str)
+    suspected = set(ids[best >= threshold])
+    keep = ~np.isin(ids, list(suspected))
+    return {"threshold": threshold, "identities_removed": len(suspected),
+            "photos_removed": int((~keep).sum()), "keep": keep}
+
+
 def tar_at_far(genuine: np.ndarray, top_impostors: np.ndarray, far: float, impostors: int) -> dict:
     """TAR at the lowest threshold accepting at most far of the impostors, from the largest
     impostor scores (sorted descending; at least far x impostors + 1 of them)."""
@@ -161,13 +185,14 @@ class _TopScores:
         return np.sort(self.kept)[::-1]
 
 
-def run(model, probes, distractors, *, queries=None, globs: dict | None = None, sizes=None,
+def run(model, probes, distractors, *, queries=None, globs: dict | None = None, sizes=None, clean=False,
         output=None, cmc_png=None, devkit=None, algorithm: str = "sphereface",
         progress: bool = False) -> dict:
     """`sphereface megaface`: embed the aligned faces of the probes, distractors (and queries)
     with a model (an `api.Model`: its flip and calibration mean), score the protocol, write
     the result JSON (default MODEL.megaface.json), the CMC chart and the devkit's feature
-    files. globs: "probes", "queries", "distractors" -> a glob their paths must match."""
+    files. globs: "probes", "queries", "distractors" -> a glob their paths must match; clean:
+    leave out the distractor identities (first folders) that `suspected_probes` finds."""
     from pathlib import Path
 
     from spherecli.core.formats import result_path, write_devkit_feature, write_text_atomic
@@ -182,25 +207,36 @@ def run(model, probes, distractors, *, queries=None, globs: dict | None = None, 
         if devkit:
             outputs.folder(devkit)
         sets = {}
-        for role, folder in (("probes", probes), ("queries", queries), ("distractors", distractors)):
-            if folder is None:
+        for role, source in (("probes", probes), ("queries", queries), ("distractors", distractors)):
+            if source is None:
                 continue
-            names, feats, notes = embed_folder(model.embedder, folder, aligned=True, progress=progress,
-                                               desc=role, include=globs.get(role))
+            if Path(source).is_dir():
+                names, feats, notes = embed_folder(model.embedder, source, aligned=True, progress=progress,
+                                                   desc=role, include=globs.get(role))
+            else:
+                names, feats, notes = _stored(source, model, globs.get(role))
             if not names:
-                raise UserError(f"{folder}: no readable aligned faces ({'; '.join(notes[:3])})")
+                raise UserError(f"{source}: no readable aligned faces ({'; '.join(notes[:3])})")
             sets[role] = (names, model.calibration.unit(feats).astype(np.float32), notes)
         people = {role: [n.split("/")[0] for n in sets[role][0]]
                   for role in ("probes", "queries") if role in sets}
         if "queries" in sets and not set(people["queries"]) & set(people["probes"]):
             raise UserError(f"{queries}: none of its people (first folder names) is among the probes' "
                             f"people of {probes}")
+        cleaned = None
+        if clean:
+            names, feats, found = sets["distractors"]
+            cleaned = suspected_probes(sets["probes"][1], people["probes"], feats,
+                                       [n.split("/")[0] for n in names])
+            keep = cleaned.pop("keep")
+            sets["distractors"] = ([n for n, k in zip(names, keep) if k], feats[keep], found)
         result = megaface(sets["probes"][1], people["probes"], sets["distractors"][1],
                           queries=sets.get("queries", (None, None))[1], query_labels=people.get("queries"),
                           sizes=sizes)
         result.update({"model": str(model.path), "calibration": model.calibration.source,
                        "probes": str(probes), "distractors_folder": str(distractors),
                        "queries_folder": None if queries is None else str(queries), "globs": globs,
+                       "cleaned": cleaned,
                        "notes": [n for role in sets for n in sets[role][2]]})
         write_text_atomic(output, json.dumps(result, indent=1) + "\n")
         if cmc_png:
@@ -216,3 +252,22 @@ def run(model, probes, distractors, *, queries=None, globs: dict | None = None, 
                     write_devkit_feature(Path(devkit) / role / f"{name}_{algorithm}.bin", f)
     result["output"] = str(output)
     return result
+
+
+def _stored(path, model, include: str | None):
+    """The features of a `sphereface embed` file, refused unless this model's network and flip
+    made them; names filtered by the glob include."""
+    import fnmatch
+
+    from spherecli.core.formats import load_features
+
+    names, feats, made = load_features(path)
+    network, flip = model.identity["network"], model.embedder.flip
+    if made.get("network") != network or made.get("flip") != flip:
+        raise UserError(f"{path}: made with network {made.get('network') or 'unrecorded'} and flip "
+                        f"{made.get('flip')!r}; {model.path} is {network} with flip {flip!r}: embed again "
+                        "with this model (`sphereface embed --aligned`)")
+    keep = [i for i, n in enumerate(names) if include is None or fnmatch.fnmatchcase(n, include)]
+    if not keep:
+        raise UserError(f"{path}: no features whose name matches {include!r}")
+    return [names[i] for i in keep], feats[keep], []

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,7 +160,8 @@ class Gallery:
     def enrol(self, model, sources, name: str | None = None, *, prune: bool = False,
               progress: bool = False) -> dict:
         """Enrol photos: folders of one folder per person (PERSON/photo.jpg), or, with name,
-        photos and folders of that one person; arrays and PIL images need a name too. Only
+        photos and folders of that one person; arrays and PIL images need a name too (an
+        array of the model's input size is an aligned crop, used as it is). Only
         new or changed photos are embedded. prune: photos of these folders that are gone
         from them are removed (a gallery kept in step with a folder). Returns counts."""
         from tqdm import tqdm
@@ -182,8 +184,8 @@ class Gallery:
                 rows = []
                 for person, source, stamp, image in todo[start:start + BATCH]:
                     try:
-                        crop, face, note = model.embedder.photo_crop(image, model.select)
-                        rows.append((person, source, stamp, crop, json.dumps(face["box"]), note))
+                        crop, box, note = model.crop(image)
+                        rows.append((person, source, stamp, crop, json.dumps(box), note))
                     except UserError as e:
                         rows.append((person, source, stamp, None, None, str(e)))
                     except (OSError, ValueError) as e:
@@ -397,11 +399,11 @@ def _items(sources, name: str | None) -> tuple[list[tuple], list[str]]:
     if not isinstance(sources, (list, tuple)):
         sources = [sources]
     items, notes = [], []
-    for i, source in enumerate(sources):
+    for source in sources:
         if not isinstance(source, (str, Path)):
             if name is None:
                 raise UserError("an image given as an array needs the name of the person it shows")
-            items.append((name, f"{name}/{i}", None, source))
+            items.append((name, f"{name}/<image {uuid.uuid4().hex[:12]}>", None, source))
             continue
         path = Path(source)
         if path.is_dir():
