@@ -406,4 +406,7 @@ def test_the_readme_python_section_runs_as_written(model, wild_split, tmp_path, 
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("Model(") and "same=" in printed[1]
     names = {p.name for p in (wild_split / "gallery").iterdir()} | {"unknown"}
-    assert printed[2:] and all(line.split()[0] in names for line in printed[2:]), printed
+    assert printed[2:-1] and all(line.split()[0] in names for line in printed[2:-1]), printed
+    # The gallery kept on disk: its first people, and the first face's three candidates.
+    assert printed[-1].startswith("[('") and printed[-1].count("Candidate(") == 3, printed[-1]
+    assert (tmp_path / "staff.gallery" / "gallery.sqlite").is_file()
