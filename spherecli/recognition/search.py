@@ -53,12 +53,18 @@ INDEX_KINDS = {
 INDEX_CHOICES = ("auto", *INDEX_KINDS)
 
 
+# Product quantisers of 8 bits train 256 centroids on >= 39 points each; below this many
+# vectors an ivfpq gallery is searched exactly.
+IVFPQ_MIN = 39 * 256
+
+
 def resolve_kind(kind: str, n: int) -> str:
+    """The index kind a gallery of n vectors is searched with."""
+    if kind not in INDEX_CHOICES:
+        raise UserError(f"`index` must be one of {', '.join(INDEX_CHOICES)}, got {kind!r}")
     if kind == "auto":
         return "flat" if n <= AUTO_EXACT else "hnsw"
-    if kind not in INDEX_KINDS:
-        raise UserError(f"`index` must be one of {', '.join(INDEX_CHOICES)}, got {kind!r}")
-    return kind
+    return "flat" if kind == "ivfpq" and n < IVFPQ_MIN else kind
 
 
 def build(vectors: np.ndarray, ids: np.ndarray, kind: str):
@@ -67,7 +73,8 @@ def build(vectors: np.ndarray, ids: np.ndarray, kind: str):
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     spec = INDEX_KINDS[kind]
-    index = faiss.index_factory(vectors.shape[1], spec.factory(*vectors.shape), faiss.METRIC_INNER_PRODUCT)
+    d, n = vectors.shape[1], len(vectors)
+    index = faiss.index_factory(d, spec.factory(d, n), faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         rng = np.random.default_rng(0)
         sample = vectors[rng.choice(len(vectors), min(len(vectors), 256 * 256), replace=False)]
