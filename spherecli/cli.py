@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from contextlib import nullcontext
 from dataclasses import MISSING
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from spherecli.core.registry import (FEATURE_DTYPES, IMPORT_FORMATS, SEARCH_BY, 
                                      REFERENCES, SELECT_RULES)
 from spherecli.core.validate import COSINE, COUNT, FRACTION, Range
 from spherecli.recognition.search import AUTO_EXACT, INDEX_CHOICES
+from spherecli.recognition.video import (ACCUMULATE, DETECT_EVERY as VIDEO_DETECT_EVERY,
+                                         MIN_FACE as VIDEO_MIN_FACE, is_stream)
 
 # Tables and notes: as wide as a terminal, or 200 columns into a file or pipe (not 80).
 console = Console(stderr=True, soft_wrap=True, highlight=False, width=None if sys.stderr.isatty() else 200)
@@ -458,8 +461,8 @@ def verify(photo_a, photo_b, model, select, device, input_spec, threads, calibra
 @click.option("--gallery", type=EXISTING_FOLDER, required=True,
               help="An enrolled gallery (`sphereface gallery`), or a folder of one folder per known person "
                    "holding photos of them (enrolled into --cache and kept in step with the folder).")
-@click.option("--probe", type=click.Path(exists=True, path_type=Path), required=True,
-              help="A photo, a folder of photos, or a video file.")
+@click.option("--probe", required=True, help="A photo, a folder of photos, a video file, a camera index (0) "
+              "or a stream URL (rtsp://, http://).")
 @model
 @select
 @device
@@ -475,9 +478,27 @@ def verify(photo_a, photo_b, model, select, device, input_spec, threads, calibra
               help="Draw a box and name per face: a folder (for photos) or a video file.")
 @click.option("--cache", type=OutputPath(folder=True), help="Where a folder of photos is enrolled.  "
               "[default: GALLERY/.sphereface-gallery/<model key>]")
+@click.option("--track/--no-track", default=True, help="Video: track faces and recognise each track once "
+              "(again on a clearly better view), or detect and embed every face of every --every-th frame "
+              "(the original's loop).")
+@click.option("--detect-every", default=VIDEO_DETECT_EVERY, type=Number(Range(1, 100, integer=True)),
+              help="Tracked video: run the detector on every N-th frame, the tracks' boxes held between.")
+@click.option("--min-face", default=VIDEO_MIN_FACE, type=Number(Range(12, 10_000, integer=True)),
+              help="Tracked video: the smallest face (pixels) the detector looks for.")
+@click.option("--accumulate", type=click.Choice(ACCUMULATE), default="template", help="Tracked video: a "
+              "track's identity from the mean of its best views, or from a vote of them.")
+@click.option("--live/--no-live", default=None, help="Read the source as live (keep only the newest "
+              "frame, dropping the rest when slower than it): by default cameras and streams are, files "
+              "are not (--live reads a file at its own rate, as a camera).")
+@click.option("--timeout", default=10.0, type=Number(Range(0.1, 3600)), help="Seconds without a frame "
+              "before a live source is reopened (3 tries) or given up.")
+@click.option("--show", is_flag=True, help="Tracked video: show the answers in a window (q or Esc ends).")
+@click.option("--log", type=OutputPath("video log"), help="Tracked video: JSON Lines of every frame's "
+              "tracked faces and, at the end, every track and the source's counts.")
 @quiet
 def identify(gallery, probe, model, select, device, input_spec, threads, calibration, far, threshold, k,
-             every, output, annotate, cache, quiet):
+             every, output, annotate, cache, track, detect_every, min_face, accumulate, live, timeout, show,
+             log, quiet):
     """Name every face in the probe from a gallery of known people, or call it unknown.
 
     A face is searched against one template per person (the mean of
@@ -486,27 +507,71 @@ def identify(gallery, probe, model, select, device, input_spec, threads, calibra
     face (a probe without a face: one row, identity no_face): source,
     frame, x1, y1, x2, y2, identity, score, best_match, candidates.
     """
-    from spherecli.recognition.identify import annotation_target, identify as run, write_csv
+    from spherecli.recognition.identify import annotation_target, identify as run, is_video, write_csv
     from spherecli.core.outputs import Outputs
 
-    with Outputs([gallery, probe, model, calibration]) as outputs:
-        if output:
-            outputs.file(output, "identities")
+    stream = is_stream(probe)
+    if not stream and not Path(probe).exists():
+        raise UserError(f"--probe {probe}: no such file or folder (nor a camera index or stream URL)")
+    probe = probe if stream else Path(probe)
+    tracked = stream or (track and is_video(probe))
+    with Outputs([gallery, model, calibration] + ([] if stream else [probe])) as outputs:
+        for path, kind in ((output, "identities"), (log, "video log")):
+            if path:
+                outputs.file(path, kind)
+        if log and not tracked:
+            raise UserError("--log is written for a tracked video (a video file, camera or stream, "
+                            "without --no-track)")
         if cache:
             outputs.folder(cache)
-        annotation_target(outputs, probe, annotate)
+        annotate = outputs.file(annotate, "video") if tracked and annotate else \
+            annotation_target(outputs, probe, annotate)
         m = load_model(model, device, input_spec, threads, select, calibration, threshold, far)
         known = m.gallery(gallery, cache=cache, progress=not quiet)
         notes(known.notes)
         console.print(f"gallery: {len(known)} {'person' if len(known) == 1 else 'people'}, "
                       f"{known.photos} photos; {m.calibration.describe()}")
         notes(m.calibration.notes)
-        rows = run(m, known, probe, every=every, annotate=annotate, k=k, progress=not quiet)
-        if output is None:
-            notes(write_csv(rows, sys.stdout))
-            return
-        with open(output, "w", newline="", encoding="utf-8") as sink:
-            notes(write_csv(rows, sink))
+        with open(output, "w", newline="", encoding="utf-8") if output else nullcontext(sys.stdout) as sink:
+            if not tracked:
+                notes(write_csv(run(m, known, probe, every=every, annotate=annotate, k=k, progress=not quiet),
+                                sink))
+                return
+            identify_stream(m, known, str(probe), sink, log, annotate=annotate, detect_every=detect_every,
+                            min_face=min_face, accumulate=accumulate, live=live, timeout=timeout, show=show,
+                            quiet=quiet)
+
+
+def identify_stream(m, known, probe: str, sink, log, *, quiet: bool, **options) -> None:
+    """The tracked pipeline into the CSV and the log; on Ctrl-C or a lost stream the annotated
+    video is finished and every track is still logged, then the interruption is raised."""
+    import json
+
+    from spherecli.recognition.identify import write_csv
+    from spherecli.recognition.video import VideoRun
+
+    video = VideoRun(m, known, probe, **options)
+    journal = open(log, "w", encoding="utf-8") if log else None
+
+    def frames():
+        for row in video.rows(progress=not quiet):
+            if journal:
+                journal.write(json.dumps(row) + "\n")
+                journal.flush()
+            yield {**row, "source": Path(probe).name if not is_stream(probe) else probe}
+    try:
+        write_csv(frames(), sink)
+    finally:
+        video.close()
+        summary = video.summary()
+        if journal:
+            journal.writelines(json.dumps(r) + "\n" for r in summary)
+            journal.close()
+        s = summary[-1]
+        console.print(f"{s['frames_done']} frames in {s['seconds']} s ({s['frames_per_second']} per second), "
+                      f"{sum(r['type'] == 'track' for r in summary)} tracks; {s['dropped']} dropped, "
+                      f"{s['unreadable']} unreadable" + (f"; {s['ended']}" if s["ended"] and
+                                                          s["ended"] != "the source ended" else ""))
 
 
 @cli.command()

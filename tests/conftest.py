@@ -109,3 +109,74 @@ def sphereface_here(args) -> int:
     finally:
         sys.argv = argv
         torch.set_num_threads(threads)  # the recognition commands set one thread for the process
+
+
+def write_test_video(path: Path, wild: Path, people: list[str], *, size=(640, 480), fps: int = 25,
+                     seconds: float = 4.0, seed: int = 0) -> list[dict]:
+    """A video of moving faces made from `wild` photos: each of the people's second photo,
+    cut to the head and shoulders, enters from one side, crosses the frame at its own
+    height and speed and leaves; at most six are in view at once. Returns the truth: per
+    person, the frames where their sprite is wholly inside the frame and its rectangle
+    there. The first photo of each person is left for a gallery."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    frames = int(round(seconds * fps))
+    sprite_h = h // 3
+    sprites = []
+    for k, person in enumerate(people):
+        photo = cv2.imread(str(sorted((wild / person).iterdir())[1]))
+        ph, pw = photo.shape[:2]
+        side = min(ph, pw)  # the photo's central square: the face of a wild photo is near its middle
+        square = photo[(ph - side) // 2:(ph - side) // 2 + side, (pw - side) // 2:(pw - side) // 2 + side]
+        sprite = cv2.resize(square, (sprite_h, sprite_h), interpolation=cv2.INTER_AREA)
+        start = int(k * frames / (len(people) + 1))
+        span = int(rng.integers(frames // 2, frames))
+        leftward = k % 2 == 1
+        y = int(rng.integers(0, h - sprite_h))
+        sprites.append({"person": person, "sprite": sprite, "start": start, "end": min(frames, start + span),
+                        "y": y, "leftward": leftward})
+    truth = {s["person"]: {"frames": [], "rects": []} for s in sprites}
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    background = np.full((h, w, 3), 90, np.uint8)
+    for f in range(frames):
+        frame = background.copy()
+        for s in sprites:
+            if not s["start"] <= f < s["end"]:
+                continue
+            t = (f - s["start"]) / max(1, s["end"] - s["start"] - 1)
+            x = int(round((1 - t) * (w) + t * (-sprite_h))) if s["leftward"] else \
+                int(round((1 - t) * (-sprite_h) + t * w))
+            x0, x1 = max(0, x), min(w, x + sprite_h)
+            if x1 > x0:
+                frame[s["y"]:s["y"] + sprite_h, x0:x1] = s["sprite"][:, x0 - x:x1 - x]
+            if x >= 0 and x + sprite_h <= w:
+                truth[s["person"]]["frames"].append(f)
+                truth[s["person"]]["rects"].append((x, s["y"], x + sprite_h, s["y"] + sprite_h))
+        writer.write(frame)
+    writer.release()
+    return [{"person": p, **t} for p, t in truth.items()]
+
+
+def score_tracks(tracks: list[dict], frames: list[dict], truth: list[dict], known: set[str]) -> dict:
+    """Each track's person by where its boxes' centres lie (the sprite holding most of them),
+    and whether the track's final identity is right: the name for people in the gallery,
+    unknown for the others."""
+    owner = {}
+    for row in frames:
+        cx, cy = (row["box"][0] + row["box"][2]) / 2, (row["box"][1] + row["box"][3]) / 2
+        for t in truth:
+            if row["frame"] in t["frames"]:
+                x1, y1, x2, y2 = t["rects"][t["frames"].index(row["frame"])]
+                if x1 <= cx <= x2 and y1 <= cy <= y2:
+                    owner.setdefault(row["track"], []).append(t["person"])
+    right = {}
+    for track in tracks:
+        votes = owner.get(track["track"], [])
+        if not votes:
+            continue
+        person = max(set(votes), key=votes.count)
+        right[track["track"]] = (person, track["identity"] == (person if person in known else "unknown"))
+    return right

@@ -565,8 +565,9 @@ def result_path(model: str | Path, benchmark: str = "lfw") -> Path:
 # --------------------------------------------------------------------------- scores and identities
 
 SCORES_COLUMNS = ("left", "right", "same", "score")
-# candidates: the k best people, best first, as name=score;name=score
-IDENTITY_COLUMNS = ("source", "frame", "x1", "y1", "x2", "y2", "identity", "score", "best_match",
+# candidates: the k best people, best first, as name=score;name=score; track: a video's
+# tracked face (empty for photos and untracked frames)
+IDENTITY_COLUMNS = ("source", "frame", "track", "x1", "y1", "x2", "y2", "identity", "score", "best_match",
                     "candidates")
 
 
@@ -770,6 +771,8 @@ KINDS = {
     "result": Kind("an evaluation result", lambda p: {"benchmark", "folds"} <= set(_json_object(p))),
     "scores": Kind("a pair scores CSV", lambda p: _first_line(p) == ",".join(SCORES_COLUMNS)),
     "identities": Kind("an identify CSV", lambda p: _first_line(p) == ",".join(IDENTITY_COLUMNS)),
+    "video log": Kind("an identify log (JSON Lines of frame and track records)",
+                      lambda p: _first_line(p).startswith('{"type": '), (".jsonl",)),
     "features": Kind("a features file", lambda p: {"names.npy", "features.npy"} <= _zip_members(p)),
     "identification": Kind("an identification result", lambda p: _json_object(p).get("protocol")
                            == "megaface"),

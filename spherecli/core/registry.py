@@ -92,6 +92,7 @@ STALL_ACTIONS = ("warn", "stop", "ignore")        # when training looks stalled
 RUNTIMES = ("auto", "torch", "onnxruntime")       # what runs a model file in evaluate
 SEARCH_BY = ("template", "photo")                # a gallery: a template per person, or every photo
 FEATURE_DTYPES = ("float32", "float16")          # how a gallery stores features
+ACCUMULATE_RULES = ("template", "vote")          # a video track's identity: its best views' mean, or a vote
 
 # LFW's image path for (name, number) under an aligned folder, as pairs.txt names them.
 LFW_PATTERN = "{name}/{name}_{num:04d}.jpg"

@@ -161,9 +161,9 @@ def write_csv(rows, sink) -> list[str]:
         if row.get("error"):
             errors.append(f"{row['source']}: {row['error']}")
         box = [f"{v:.1f}" for v in row["box"]] if row["box"] else [""] * 4
-        candidates = ";".join(f"{c.name}={c.score:.4f}" for c in row["candidates"])
-        writer.writerow([row["source"], "" if row["frame"] is None else row["frame"], *box, row["identity"],
-                         "" if row["score"] is None else f"{row['score']:.4f}", row["best_match"] or "",
-                         candidates])
+        candidates = ";".join(f"{c.name}={c.score:.4f}" for c in row.get("candidates", ()))
+        writer.writerow([row["source"], "" if row["frame"] is None else row["frame"], row.get("track", ""),
+                         *box, row["identity"], "" if row["score"] is None else f"{row['score']:.4f}",
+                         row["best_match"] or "", candidates])
         sink.flush()
     return errors
