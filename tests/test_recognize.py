@@ -449,3 +449,70 @@ def test_a_tracked_video_names_each_track_and_writes_a_playable_video(data, tmp_
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 75 and cap.get(cv2.CAP_PROP_FPS) == 25
     rows = list(csv.DictReader(open(tmp_path / "ids.csv")))
     assert len(rows) == len(frames) and all(row["track"] for row in rows)
+
+
+def _counting_video(path, frames=50, size=(320, 240)):
+    """An MJPEG AVI whose frames show their numbers; its byte offsets of each frame's JPEG."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, size)
+    for i in range(frames):
+        f = np.full((size[1], size[0], 3), (i * 5) % 255, np.uint8)
+        cv2.putText(f, str(i), (40, 120), cv2.FONT_HERSHEY_SIMPLEX, 2, (255, 255, 255), 3)
+        writer.write(f)
+    writer.release()
+    data = path.read_bytes()
+    return data, [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xD8]
+
+
+def test_a_corrupt_frame_is_skipped_and_counted_and_a_cut_video_ends_with_what_it_had(model, wild_split,
+                                                                                     tmp_path):
+    from spherecli.recognition.video import FrameSource
+
+    data, starts = _counting_video(tmp_path / "whole.avi")
+    broken = bytearray(data)
+    broken[starts[20]:starts[20] + 400] = bytes(400)
+    (tmp_path / "corrupt.avi").write_bytes(bytes(broken))
+    source = FrameSource(tmp_path / "corrupt.avi")
+    seen = [f.index for f in source]
+    assert 20 not in seen and {19, 21} <= set(seen) and source.stats.corrupt == 1
+    (tmp_path / "cut.avi").write_bytes(data[:starts[30] + 100])
+    source = FrameSource(tmp_path / "cut.avi")
+    assert [f.index for f in source] == list(range(30)) and "ends early, at frame 30" in source.stats.ended
+    # Through identify: the cut video still gives a playable annotated video of its 30
+    # frames, a complete log, and says how it ended.
+    r = subprocess.run(SPHEREFACE + ["identify", "--gallery", str(wild_split / "gallery"), "--probe",
+                                     str(tmp_path / "cut.avi"), "--model", str(model), "--annotate",
+                                     str(tmp_path / "named.mp4"), "--log", str(tmp_path / "log.jsonl"),
+                                     "-o", str(tmp_path / "ids.csv"), "-q"], capture_output=True, text=True)
+    assert r.returncode == 0 and "ends early" in r.stderr, r.stderr
+    assert int(cv2.VideoCapture(str(tmp_path / "named.mp4")).get(cv2.CAP_PROP_FRAME_COUNT)) == 30
+    last = json.loads(open(tmp_path / "log.jsonl").readlines()[-1])
+    assert last["type"] == "source" and last["frames_done"] == 30
+    (tmp_path / "notes.txt").write_text("not a video")
+    r = subprocess.run(SPHEREFACE + ["identify", "--gallery", str(wild_split / "gallery"), "--probe",
+                                     str(tmp_path / "notes.txt"), "--model", str(model)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not a photo, a folder or a video" in r.stderr
+    r = subprocess.run(SPHEREFACE + ["identify", "--gallery", str(wild_split / "gallery"), "--probe",
+                                     "rtsp://127.0.0.1:9/none", "--model", str(model), "--timeout", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "cannot open it as a video" in r.stderr
+
+
+def test_a_live_source_drops_frames_instead_of_falling_behind(tmp_path):
+    """A 25 fps video read live (at its own rate, as a camera) by a consumer that takes 0.1 s
+    a frame: about three frames in four are dropped, and each frame handed out is at most
+    two frames behind the source's clock."""
+    import time
+
+    from spherecli.recognition.video import FrameSource
+
+    _counting_video(tmp_path / "clip.avi")
+    source = FrameSource(tmp_path / "clip.avi", live=True)
+    taken, behind = [], []
+    for frame in source:
+        behind.append((time.monotonic() - source.started) * 25 - frame.index)
+        taken.append(frame.index)
+        time.sleep(0.1)
+    assert source.stats.read == 50 and source.stats.dropped == 50 - len(taken)
+    assert 10 <= len(taken) <= 30 and source.stats.dropped >= 20
+    assert max(behind) <= 3.5, behind

@@ -87,6 +87,7 @@ class FrameSource:
         self.paced = self.live and not default_live  # a file read at its own rate, as a camera would be
         self.timeout, self.retries = timeout, retries
         self.stats = SourceStats()
+        self._failed_at = -1
         self.frames = sorted(walk_images(self.target)) if isinstance(self.target, Path) and \
             self.target.is_dir() else None
         if self.frames is not None and not self.frames:
@@ -99,6 +100,7 @@ class FrameSource:
             self.fps = 25.0
         self.count = len(self.frames) if self.frames is not None else \
             int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) or None
+        self.started = time.monotonic()
         self._slot: list = []
         self._cond = threading.Condition()
         self._stop = False
@@ -130,11 +132,17 @@ class FrameSource:
             return True, bgr
         position = int(self.capture.get(cv2.CAP_PROP_POS_FRAMES) or 0)
         if not self.live and self.count and position < self.count:
+            if position == self._failed_at:  # no further to read: the file was cut off
+                self.stats.corrupt -= 1  # the failure before this one was the same end
+                self.stats.ended = (f"the video ends early, at frame {position} of {self.count} (cut off or "
+                                    "damaged)")
+                return False, None
+            self._failed_at = position
             return True, None  # a frame that does not decode, inside the file
         return False, None
 
     def _run(self) -> None:
-        index, size, bad_run, started = 0, None, 0, time.monotonic()
+        index, size, bad_run, started = 0, None, 0, self.started
         while not self._stop:
             ok, bgr = self._read()
             if not ok:
@@ -148,8 +156,6 @@ class FrameSource:
                 if bad_run >= CORRUPT_RUN:
                     self.stats.ended = f"{CORRUPT_RUN} unreadable frames in a row"
                     break
-                if self.frames is None:
-                    self.capture.grab()
                 index += 1
                 continue
             bad_run = 0
