@@ -115,7 +115,8 @@ def write_test_video(path: Path, wild: Path, people: list[str], *, size=(640, 48
                      seconds: float = 4.0, seed: int = 0) -> list[dict]:
     """A video of moving faces made from `wild` photos: each of the people's second photo,
     cut to the head and shoulders, enters from one side, crosses the frame at its own
-    height and speed and leaves; at most six are in view at once. Returns the truth: per
+    height and speed and leaves; with more than six people, at most six are in view at
+    once. Returns the truth: per
     person, the frames where their sprite is wholly inside the frame and its rectangle
     there. The first photo of each person is left for a gallery."""
     import cv2
@@ -133,7 +134,9 @@ def write_test_video(path: Path, wild: Path, people: list[str], *, size=(640, 48
         square = photo[(ph - side) // 2:(ph - side) // 2 + side, (pw - side) // 2:(pw - side) // 2 + side]
         sprite = cv2.resize(square, (sprite_h, sprite_h), interpolation=cv2.INTER_AREA)
         start = int(k * frames / (len(people) + 1))
-        span = int(rng.integers(frames // 2, frames))
+        # each crossing lasts under six starts' spacing: at most six people in view at once
+        span = int(rng.uniform(0.7, 1.0) * 5.9 * frames / (len(people) + 1)) if len(people) > 6 else \
+            int(rng.integers(frames // 2, frames))
         leftward = k % 2 == 1
         y = int(rng.integers(0, h - sprite_h))
         sprites.append({"person": person, "sprite": sprite, "start": start, "end": min(frames, start + span),
@@ -160,23 +163,30 @@ def write_test_video(path: Path, wild: Path, people: list[str], *, size=(640, 48
     return [{"person": p, **t} for p, t in truth.items()]
 
 
+def person_at(truth: list[dict], frame: int, box) -> str | None:
+    """The person of write_test_video's truth whose sprite holds the box's centre there."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    for t in truth:
+        if frame in t["frames"]:
+            x1, y1, x2, y2 = t["rects"][t["frames"].index(frame)]
+            if x1 <= cx <= x2 and y1 <= cy <= y2:
+                return t["person"]
+    return None
+
+
 def score_tracks(tracks: list[dict], frames: list[dict], truth: list[dict], known: set[str]) -> dict:
     """Each track's person by where its boxes' centres lie (the sprite holding most of them),
     and whether the track's final identity is right: the name for people in the gallery,
     unknown for the others."""
     owner = {}
     for row in frames:
-        cx, cy = (row["box"][0] + row["box"][2]) / 2, (row["box"][1] + row["box"][3]) / 2
-        for t in truth:
-            if row["frame"] in t["frames"]:
-                x1, y1, x2, y2 = t["rects"][t["frames"].index(row["frame"])]
-                if x1 <= cx <= x2 and y1 <= cy <= y2:
-                    owner.setdefault(row["track"], []).append(t["person"])
+        person = person_at(truth, row["frame"], row["box"])
+        if person is not None:
+            owner.setdefault(row["track"], []).append(person)
     right = {}
     for track in tracks:
         votes = owner.get(track["track"], [])
-        if not votes:
-            continue
-        person = max(set(votes), key=votes.count)
-        right[track["track"]] = (person, track["identity"] == (person if person in known else "unknown"))
+        if votes:
+            person = max(set(votes), key=votes.count)
+            right[track["track"]] = (person, track["identity"] == (person if person in known else "unknown"))
     return right

@@ -279,6 +279,7 @@ class TrackedIdentifier:
         self.tracks: dict[int, Track] = {}
         self.seen: list[int] = []   # the tracks of the last detection
         self.detections, self.slot = 0, -1
+        self.seconds = {"detect": 0.0, "track": 0.0, "embed": 0.0, "search": 0.0}
 
     def step(self, frame: Frame) -> list[dict]:
         """The frame's tracked faces as rows: frame, time, track, box, identity, score."""
@@ -294,11 +295,15 @@ class TrackedIdentifier:
         import supervision as sv
 
         self.detections += 1
+        t0 = time.perf_counter()
         faces = self.detector.photo(frame.rgb)[1]
+        t1 = time.perf_counter()
         height, width = frame.rgb.shape[:2]
         boxes = np.array([f["box"] for f in faces], dtype=float).reshape(-1, 4)
         found = self.tracker.update(sv.Detections(xyxy=boxes, confidence=np.array(
             [f["score"] for f in faces], dtype=float), data={"face": np.arange(len(faces))}))
+        self.seconds["detect"] += t1 - t0
+        self.seconds["track"] += time.perf_counter() - t1
         todo, self.seen = [], []
         for track_id, i in zip(found.tracker_id, found.data.get("face", ())):  # no faces: no data
             if track_id < 0:
@@ -319,10 +324,14 @@ class TrackedIdentifier:
                 todo.append((track, face, quality))
                 track.embedded = frame.index
         if todo:
+            t0 = time.perf_counter()
             crops = self.model.embedder.crops(frame.rgb, [f for _, f, _ in todo])
             units = self.model.calibration.unit(self.model.embedder.embed(crops))
+            t1 = time.perf_counter()
             for (track, _, quality), unit in zip(todo, units):
                 self._learn(track, quality, unit)
+            self.seconds["embed"] += t1 - t0
+            self.seconds["search"] += time.perf_counter() - t1
 
     def _learn(self, track: Track, quality: float, unit: np.ndarray) -> None:
         track.embeddings += 1
@@ -357,7 +366,7 @@ class VideoRun:
         self.ident = TrackedIdentifier(model, gallery, fps=self.source.fps, detect_every=detect_every,
                                        accumulate=accumulate, min_face=min_face)
         self.annotate, self.show = annotate, show
-        self.writer, self.size, self.lags, self.seconds = None, None, [], 0.0
+        self.writer, self.size, self.lags, self.seconds, self.drawing = None, None, [], 0.0, 0.0
 
     def rows(self, progress: bool = False):
         from tqdm import tqdm
@@ -370,7 +379,10 @@ class VideoRun:
                 t0 = time.perf_counter()
                 rows = self.ident.step(frame)
                 if self.annotate is not None or self.show:
-                    if not self._picture(frame, rows):
+                    t1 = time.perf_counter()
+                    shown = self._picture(frame, rows)
+                    self.drawing += time.perf_counter() - t1
+                    if not shown:
                         break
                 self.lags.append(time.perf_counter() - t0)
                 bar.update()
@@ -421,4 +433,6 @@ class VideoRun:
             "seconds": round(self.seconds, 3),
             "frames_per_second": round(len(lags) / self.seconds, 2) if self.seconds else None,
             "ms_per_frame_p50": round(1e3 * float(np.percentile(lags, 50)), 2) if lags else None,
-            "ms_per_frame_p99": round(1e3 * float(np.percentile(lags, 99)), 2) if lags else None}]
+            "ms_per_frame_p99": round(1e3 * float(np.percentile(lags, 99)), 2) if lags else None,
+            "ms_per_frame_by_part": {part: round(1e3 * t / max(1, len(lags)), 2) for part, t in
+                                     {**self.ident.seconds, "draw and write": self.drawing}.items()}}]
