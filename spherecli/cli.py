@@ -511,6 +511,10 @@ def identify(gallery, probe, model, select, device, input_spec, threads, calibra
     from spherecli.core.outputs import Outputs
 
     stream = is_stream(probe)
+    if show:
+        from spherecli.recognition.video import check_display
+
+        check_display()
     if not stream and not Path(probe).exists():
         raise UserError(f"--probe {probe}: no such file or folder (nor a camera index or stream URL)")
     probe = probe if stream else Path(probe)

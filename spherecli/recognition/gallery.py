@@ -450,9 +450,13 @@ def cached(model, folder: str | Path, cache: str | Path | None = None, progress:
             raise
         import shutil
 
-        notes.append(f"{e}; the cached gallery was made again")
-        shutil.rmtree(where)
-        gallery = Gallery.create(where, model)
+        if where.is_dir() and os.access(where, os.W_OK):
+            notes.append(f"{e}; the cached gallery was made again")
+            shutil.rmtree(where)
+            gallery = Gallery.create(where, model)
+        else:  # a folder that cannot be written: its photos are embedded on every call
+            notes.append(f"{e}; the gallery is held in memory and not cached")
+            gallery = Gallery.memory(model)
     summary = gallery.enrol(model, [folder], prune=True, progress=progress)
     gallery.notes = notes + gallery.notes
     if not summary["people"]:

@@ -353,6 +353,17 @@ class TrackedIdentifier:
         track.names.append(track.identity)
 
 
+def check_display() -> None:
+    """A live window needs a display: say so before any work, not after it."""
+    import os
+    import sys
+
+    display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if sys.platform.startswith("linux") and not display:
+        raise UserError("`show`: there is no display here (no DISPLAY); write the answers with `annotate` "
+                        "instead")
+
+
 class VideoRun:
     """`identify` of a video, camera or stream with tracking: rows() yields a "frame" record
     per tracked face per frame; after it ends, or is interrupted (close() in a finally),
@@ -362,6 +373,8 @@ class VideoRun:
     def __init__(self, model, gallery, probe: str, *, detect_every: int = DETECT_EVERY,
                  accumulate: str = "template", min_face: int = MIN_FACE, live: bool | None = None,
                  annotate=None, show: bool = False, timeout: float = 10.0):
+        if show:
+            check_display()
         self.source = FrameSource(probe, live=live, timeout=timeout)
         self.ident = TrackedIdentifier(model, gallery, fps=self.source.fps, detect_every=detect_every,
                                        accumulate=accumulate, min_face=min_face)
@@ -408,7 +421,11 @@ class VideoRun:
                 picture = cv2.resize(picture, self.size)  # a stream that changed its frame size
             self.writer.write(picture)
         if self.show:
-            cv2.imshow(self.source.name, picture)
+            try:
+                cv2.imshow(self.source.name, picture)
+            except cv2.error as e:
+                raise UserError(f"`show`: OpenCV cannot open a window here ({str(e).strip()[:120]})") \
+                    from None
             return cv2.waitKey(1) & 0xFF not in (ord("q"), 27)
         return True
 
