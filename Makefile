@@ -32,6 +32,8 @@ bench: install
 	$(PY) benchmarks/train.py
 	$(PY) benchmarks/evaluate.py
 	$(PY) benchmarks/loader.py --list $(OUT)/celeba-112X96.txt
+	$(PY) benchmarks/search.py
+	$(PY) benchmarks/video.py --model $(RUN)/model.pt
 
 # The GPU questions of docs/benchmarks.md in one command, on a machine with a GPU,
 # after `make demo` (it reads the demo's aligned LFW and CelebA); the table goes
