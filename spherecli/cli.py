@@ -503,9 +503,11 @@ def identify(gallery, probe, model, select, device, input_spec, threads, calibra
 
     A face is searched against one template per person (the mean of
     their photos) unless the gallery searches by photo, and takes the best
-    person when the cosine score clears the threshold. One CSV row per
-    face (a probe without a face: one row, identity no_face): source,
-    frame, x1, y1, x2, y2, identity, score, best_match, candidates.
+    person when the cosine score clears the threshold. In a video, camera
+    or stream, faces are tracked and each track is named from its best
+    views. One CSV row per face (a probe without a face: one row, identity
+    no_face): source, frame, track, x1, y1, x2, y2, identity, score,
+    best_match, candidates.
     """
     from spherecli.recognition.identify import annotation_target, identify as run, is_video, write_csv
     from spherecli.core.outputs import Outputs
