@@ -23,6 +23,7 @@ import gc
 import os
 import time
 
+import faiss
 import numpy as np
 
 from spherecli.recognition import search
@@ -123,18 +124,22 @@ def main():
     ap.add_argument("--dims", default="128,512")
     ap.add_argument("--kinds", default=",".join(search.INDEX_KINDS))
     ap.add_argument("--fit", help="features to fit the synthetic scores to (see the docstring)")
+    ap.add_argument("--sweep", default="", help="search parameter values to try on each built index, e.g. "
+                    "'hnsw=128,256,512;ivfpq=64,128,256' (default: the index kind's own value)")
     args = ap.parse_args()
     targets = fitted_targets(args.fit)
+    sweep = {k: [int(v) for v in vs.split(",")] for k, vs in
+             (part.split("=") for part in args.sweep.split(";") if part)}
     print("targets: mated cosine mean {:.3f} std {:.3f}, non-mated cosine std {:.3f}".format(*targets))
     print("| vectors | dim | search | build s | memory MB | p50 ms | p99 ms | queries/s (batch) | "
           "x numpy (batch) | recall@1 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for d in map(int, args.dims.split(",")):
         for n in map(int, args.sizes.split(",")):
-            one_size(n, d, targets, args.kinds.split(","))
+            one_size(n, d, targets, args.kinds.split(","), sweep)
 
 
-def one_size(n: int, d: int, targets, kinds: list[str]) -> None:
+def one_size(n: int, d: int, targets, kinds: list[str], sweep: dict) -> None:
     gallery, owners, queries, q_owners = synthetic(n, d, targets, 1000)
     s = gallery[:2000] @ gallery[:2000].T
     same = owners[:2000, None] == owners[None, :2000]
@@ -153,9 +158,15 @@ def one_size(n: int, d: int, targets, kinds: list[str]) -> None:
 
         def top1(q, index=index, kind=kind):
             return search.search(index, kind, q, 1, lambda ids: gallery[ids])[1][:, 0]
-        p50, p99, qps, top = measure(top1, top1, queries)
-        print(f"| {n:,} | {d} | {kind} | {build:.1f} | {memory:,.0f} | {p50:.2f} | {p99:.2f} | "
-              f"{qps:,.0f} | {qps / base_qps:.2f} | {np.mean(top == exact):.3f} |", flush=True)
+        spec = search.INDEX_KINDS[kind]
+        for value in sweep.get(kind, [spec.search_value]):
+            name = kind
+            if spec.search_parameter:
+                faiss.ParameterSpace().set_index_parameter(index, spec.search_parameter, value)
+                name = f"{kind} ({spec.search_parameter} {value})"
+            p50, p99, qps, top = measure(top1, top1, queries)
+            print(f"| {n:,} | {d} | {name} | {build:.1f} | {memory:,.0f} | {p50:.2f} | {p99:.2f} | "
+                  f"{qps:,.0f} | {qps / base_qps:.2f} | {np.mean(top == exact):.3f} |", flush=True)
     print(f"<!-- n={n} d={d}: exact rank-1 of the mated queries {np.mean(owners[exact] == q_owners):.3f} -->",
           flush=True)
 

@@ -166,7 +166,10 @@ class Gallery:
         from them are removed (a gallery kept in step with a folder). Returns counts."""
         from tqdm import tqdm
 
+        import time
+
         self.check(model)
+        started, storing = time.perf_counter(), 0.0
         items, notes = _items(sources, name)
         with self._writing():
             known = {s: (st, p) for s, st, p in self.db.execute(
@@ -194,6 +197,7 @@ class Gallery:
                     bar.update()
                 crops = [r[3] for r in rows if r[3] is not None]
                 units = iter(model.calibration.unit(model.embedder.embed(crops)) if crops else [])
+                t0 = time.perf_counter()
                 with transaction(self.db):
                     for person, source, stamp, crop, box, note in rows:
                         feature = None if crop is None else next(units)
@@ -202,6 +206,7 @@ class Gallery:
                             notes.append(note)
                         added += feature is not None
                     self._bump()
+                storing += time.perf_counter() - t0
             bar.close()
             removed = 0
             if prune:
@@ -209,11 +214,15 @@ class Gallery:
                 present = {item[1] for item in items}
                 gone = [s for s in known if s not in present and any(s.startswith(r) for r in roots)]
                 removed = self._delete("source", gone)
+            t0 = time.perf_counter()
             self._refresh_index(write=True)
+            storing += time.perf_counter() - t0
         self.notes = notes
+        seconds = time.perf_counter() - started
         return {"enrolled": added, "without_a_face": len(todo) - added - unreadable,
                 "unchanged": kept, "unreadable": unreadable, "removed": removed, "people": len(self),
-                "photos": self.photos}
+                "photos": self.photos, "seconds": round(seconds, 2),
+                "gallery_share": f"{storing / seconds:.1%}" if seconds else "0%"}
 
     def remove(self, people=(), photos=()) -> int:
         """Remove people (by name) and photos (by path); returns the photos removed."""
