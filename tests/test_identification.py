@@ -132,19 +132,19 @@ def test_megaface_command_from_folders_and_from_embedded_features(tmp_path):
 
 
 def test_each_index_kind_finds_the_exact_nearest_photo_of_a_face_like_gallery():
-    """12,000 unit vectors around 3,000 identity centres under ids that are not positions:
+    """10,000 unit vectors around 2,500 identity centres under ids that are not positions:
     each approximate index returns the exact search's best id for nearly every mated
     query, with the exact score; an ivfpq gallery too small to train is searched exactly."""
     from spherecli.recognition import search
 
     rng = np.random.default_rng(0)
-    centres = rng.normal(size=(3000, 32)).astype(np.float32)
-    owners = np.repeat(np.arange(3000), 4)
-    gallery = centres[owners] + 0.5 * rng.normal(size=(12000, 32)).astype(np.float32)
+    centres = rng.normal(size=(2500, 16)).astype(np.float32)
+    owners = np.repeat(np.arange(2500), 4)
+    gallery = centres[owners] + 0.4 * rng.normal(size=(10000, 16)).astype(np.float32)
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
-    queries = centres[rng.integers(0, 3000, 300)] + 0.5 * rng.normal(size=(300, 32)).astype(np.float32)
+    queries = centres[rng.integers(0, 2500, 300)] + 0.4 * rng.normal(size=(300, 16)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    ids = np.arange(12000) * 7 + 100
+    ids = np.arange(10000) * 7 + 100
     exact = ids[np.argmax(queries @ gallery.T, axis=1)]
     for kind in search.INDEX_KINDS:
         index = search.build(gallery, ids, kind)
