@@ -565,8 +565,11 @@ def identify_stream(m, known, probe: str, sink, log, *, quiet: bool, **options) 
                 journal.write(json.dumps(row) + "\n")
                 journal.flush()
             yield {**row, "source": Path(probe).name if not is_stream(probe) else probe}
+    interrupted = False
     try:
         write_csv(frames(), sink)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         video.close()
         summary = video.summary()
@@ -578,6 +581,9 @@ def identify_stream(m, known, probe: str, sink, log, *, quiet: bool, **options) 
                       f"{sum(r['type'] == 'track' for r in summary)} tracks; {s['dropped']} dropped, "
                       f"{s['unreadable']} unreadable" + (f"; {s['ended']}" if s["ended"] and
                                                           s["ended"] != "the source ended" else ""))
+    if interrupted:
+        raise Interrupted("interrupted: the annotated video, the CSV and the log hold every frame done, "
+                          "and the log every track")
 
 
 @cli.command()

@@ -520,3 +520,30 @@ def test_a_live_source_drops_frames_instead_of_falling_behind(tmp_path):
     assert source.stats.read == 50 and source.stats.dropped == 50 - len(taken)
     assert 10 <= len(taken) <= 30 and source.stats.dropped >= 20
     assert max(behind) <= 3.5, behind
+
+
+def test_ctrl_c_in_a_live_video_leaves_a_playable_video_and_a_complete_log(model, wild_split, tmp_path):
+    """SIGINT while `identify` reads a video as a live camera: exit 130, the annotated video
+    plays with every frame done, and the log ends with the tracks and the source's counts."""
+    import signal
+    import time
+
+    _counting_video(tmp_path / "clip.avi", frames=250)
+    log = tmp_path / "log.jsonl"
+    proc = subprocess.Popen(SPHEREFACE + ["identify", "--gallery", str(wild_split / "gallery"), "--probe",
+                                          str(tmp_path / "clip.avi"), "--model", str(model), "--live",
+                                          "--annotate", str(tmp_path / "named.mp4"), "--log", str(log),
+                                          "-o", str(tmp_path / "ids.csv"), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (tmp_path / "named.mp4").exists():
+        time.sleep(0.2)  # the annotated video is opened at the first frame
+    time.sleep(1.0)  # about 25 frames of the live source
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted: the annotated video" in err, err
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["type"] == "source" and 0 < last["frames_done"] < 250
+    assert int(cv2.VideoCapture(str(tmp_path / "named.mp4")).get(cv2.CAP_PROP_FRAME_COUNT)) == \
+        last["frames_done"]
