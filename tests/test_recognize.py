@@ -547,3 +547,18 @@ def test_ctrl_c_in_a_live_video_leaves_a_playable_video_and_a_complete_log(model
     assert last["type"] == "source" and 0 < last["frames_done"] < 250
     assert int(cv2.VideoCapture(str(tmp_path / "named.mp4")).get(cv2.CAP_PROP_FRAME_COUNT)) == \
         last["frames_done"]
+
+
+def test_a_folder_of_frames_is_a_source_its_unreadable_frames_counted_and_size_changes_noted(tmp_path):
+    from spherecli.recognition.video import FrameSource
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(6):
+        size = (320, 240) if i < 4 else (640, 480)
+        cv2.imwrite(str(frames / f"{i:04d}.png"), np.full((size[1], size[0], 3), 40 * i, np.uint8))
+    (frames / "0002.png").write_bytes(b"not a png")
+    source = FrameSource(str(frames))
+    got = [(f.index, f.rgb.shape[:2]) for f in source]
+    assert [i for i, _ in got] == [0, 1, 3, 4, 5] and got[-1][1] == (480, 640)
+    assert source.stats.corrupt == 1 and source.stats.size_changes == 1 and not source.live
