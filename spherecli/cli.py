@@ -491,7 +491,7 @@ def verify(photo_a, photo_b, model, select, device, input_spec, threads, calibra
               "frame, dropping the rest when slower than it): by default cameras and streams are, files "
               "are not (--live reads a file at its own rate, as a camera).")
 @click.option("--timeout", default=10.0, type=Number(Range(0.1, 3600)), help="Seconds without a frame "
-              "before a live source is reopened (3 tries) or given up.")
+              "before the run ends, saying so (a stream that stops is first reopened, 3 tries).")
 @click.option("--show", is_flag=True, help="Tracked video: show the answers in a window (q or Esc ends).")
 @click.option("--log", type=OutputPath("video log"), help="Tracked video: JSON Lines of every frame's "
               "tracked faces and, at the end, every track and the source's counts.")
