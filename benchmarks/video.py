@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import DATA, person_at, score_tracks, write_test_video  # noqa: E402
 
 import spherecli  # noqa: E402
-from spherecli.core.config import DetectSettings  # noqa: E402
+from spherecli.core.config import DetectSettings, VideoSettings  # noqa: E402
 from spherecli.recognition.identify import identify  # noqa: E402
 from spherecli.recognition.video import VideoRun  # noqa: E402
 
@@ -81,8 +81,8 @@ def main():
                   f"{per_frame_right(rows, truth, known):.3f} | | | | | |", flush=True)
         for every, accumulate in ((1, "template"), (2, "template"), (3, "template"), (5, "template"),
                                   (3, "vote")):
-            run = VideoRun(model, gallery, str(clip), detect_every=every, accumulate=accumulate,
-                           annotate=work / f"tracked-{size}.mp4")
+            settings = VideoSettings(detect_every=every, accumulate=accumulate)
+            run = VideoRun(model, gallery, str(clip), settings, annotate=work / f"tracked-{size}.mp4")
             rows = list(run.rows())
             run.close()
             summary = run.summary()
@@ -100,12 +100,12 @@ def main():
                   f"{len(right)} matched) | {np.mean(named):.3f} | {np.mean(rejected):.3f} | "
                   f"{switches:.2f} | {parts} |", flush=True)
     # A live source on a loaded machine: two busy processes beside it.
-    clip = work / "clip-640x480.mp4"
+    clip = work / f"clip-{args.sizes.split(',')[0]}.mp4"  # the first size
     hogs = [multiprocessing.Process(target=busy, daemon=True) for _ in range(2)]
     for p in hogs:
         p.start()
     try:
-        run = VideoRun(model, gallery, str(clip), detect_every=3, live=True)
+        run = VideoRun(model, gallery, str(clip), VideoSettings(detect_every=3), live=True)
         for _ in run.rows():
             pass
         run.close()

@@ -13,14 +13,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from spherecli.core.config import EVAL_FIELDS, EvalSettings, field_type
+from spherecli.core.config import EVAL_FIELDS, EvalSettings, VideoSettings, field_type
 from spherecli.core.errors import Interrupted, UserError, __version__
 from spherecli.core.registry import (FEATURE_DTYPES, IMPORT_FORMATS, SEARCH_BY, LFW_PATTERN, NO_FACE_RULES,
                                      REFERENCES, SELECT_RULES)
 from spherecli.core.validate import COSINE, COUNT, FRACTION, Range
 from spherecli.recognition.search import AUTO_EXACT, INDEX_CHOICES
-from spherecli.recognition.video import (ACCUMULATE, DETECT_EVERY as VIDEO_DETECT_EVERY,
-                                         MIN_FACE as VIDEO_MIN_FACE, is_stream)
 
 # Tables and notes: as wide as a terminal, or 200 columns into a file or pipe (not 80).
 console = Console(stderr=True, soft_wrap=True, highlight=False, width=None if sys.stderr.isatty() else 200)
@@ -481,24 +479,16 @@ def verify(photo_a, photo_b, model, select, device, input_spec, threads, calibra
 @click.option("--track/--no-track", default=True, help="Video: track faces and recognise each track once "
               "(again on a clearly better view), or detect and embed every face of every --every-th frame "
               "(the original's loop).")
-@click.option("--detect-every", default=VIDEO_DETECT_EVERY, type=Number(Range(1, 100, integer=True)),
-              help="Tracked video: run the detector on every N-th frame, the tracks' boxes held between.")
-@click.option("--min-face", default=VIDEO_MIN_FACE, type=Number(Range(12, 10_000, integer=True)),
-              help="Tracked video: the smallest face (pixels) the detector looks for.")
-@click.option("--accumulate", type=click.Choice(ACCUMULATE), default="template", help="Tracked video: a "
-              "track's identity from the mean of its best views, or from a vote of them.")
+@settings_options(VideoSettings)
 @click.option("--live/--no-live", default=None, help="Read the source as live (keep only the newest "
               "frame, dropping the rest when slower than it): by default cameras and streams are, files "
               "are not (--live reads a file at its own rate, as a camera).")
-@click.option("--timeout", default=10.0, type=Number(Range(0.1, 3600)), help="Seconds without a frame "
-              "before the run ends, saying so (a stream that stops is first reopened, 3 tries).")
 @click.option("--show", is_flag=True, help="Tracked video: show the answers in a window (q or Esc ends).")
 @click.option("--log", type=OutputPath("video log"), help="Tracked video: JSON Lines of every frame's "
               "tracked faces and, at the end, every track and the source's counts.")
 @quiet
 def identify(gallery, probe, model, select, device, input_spec, threads, calibration, far, threshold, k,
-             every, output, annotate, cache, track, detect_every, min_face, accumulate, live, timeout, show,
-             log, quiet):
+             every, output, annotate, cache, track, live, show, log, quiet, **video):
     """Name every face in the probe from a gallery of known people, or call it unknown.
 
     A face is searched against one template per person (the mean of
@@ -510,12 +500,11 @@ def identify(gallery, probe, model, select, device, input_spec, threads, calibra
     best_match, candidates.
     """
     from spherecli.recognition.identify import annotation_target, identify as run, is_video, write_csv
+    from spherecli.recognition.video import VideoRun, check_display, is_stream
     from spherecli.core.outputs import Outputs
 
     stream = is_stream(probe)
     if show:
-        from spherecli.recognition.video import check_display
-
         check_display()
     if not stream and not Path(probe).exists():
         raise UserError(f"--probe {probe}: no such file or folder (nor a camera index or stream URL)")
@@ -543,47 +532,16 @@ def identify(gallery, probe, model, select, device, input_spec, threads, calibra
                 notes(write_csv(run(m, known, probe, every=every, annotate=annotate, k=k, progress=not quiet),
                                 sink))
                 return
-            identify_stream(m, known, str(probe), sink, log, annotate=annotate, detect_every=detect_every,
-                            min_face=min_face, accumulate=accumulate, live=live, timeout=timeout, show=show,
-                            quiet=quiet)
-
-
-def identify_stream(m, known, probe: str, sink, log, *, quiet: bool, **options) -> None:
-    """The tracked pipeline into the CSV and the log; on Ctrl-C or a lost stream the annotated
-    video is finished and every track is still logged, then the interruption is raised."""
-    import json
-
-    from spherecli.recognition.identify import write_csv
-    from spherecli.recognition.video import VideoRun
-
-    video = VideoRun(m, known, probe, **options)
-    journal = open(log, "w", encoding="utf-8") if log else None
-
-    def frames():
-        for row in video.rows(progress=not quiet):
-            if journal:
-                journal.write(json.dumps(row) + "\n")
-                journal.flush()
-            yield {**row, "source": Path(probe).name if not is_stream(probe) else probe}
-    interrupted = False
-    try:
-        write_csv(frames(), sink)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        video.close()
-        summary = video.summary()
-        if journal:
-            journal.writelines(json.dumps(r) + "\n" for r in summary)
-            journal.close()
+            tracked_run = VideoRun(m, known, str(probe), VideoSettings(**video), live=live, annotate=annotate,
+                                   show=show)
+            summary = tracked_run.write(sink, log, progress=not quiet)
         s = summary[-1]
         console.print(f"{s['frames_done']} frames in {s['seconds']} s ({s['frames_per_second']} per second), "
-                      f"{sum(r['type'] == 'track' for r in summary)} tracks; {s['dropped']} dropped, "
-                      f"{s['unreadable']} unreadable" + (f"; {s['ended']}" if s["ended"] and
-                                                          s["ended"] != "the source ended" else ""))
-    if interrupted:
-        raise Interrupted("interrupted: the annotated video, the CSV and the log hold every frame done, "
-                          "and the log every track")
+                      f"{len(summary) - 1} tracks; {s['dropped']} dropped, {s['unreadable']} unreadable"
+                      + (f"; {s['ended']}" if s["ended"] not in ("", "the source ended") else ""))
+        if tracked_run.interrupted:
+            raise Interrupted("interrupted: the annotated video, the CSV and the log hold every frame done, "
+                              "and the log every track")
 
 
 @cli.command()

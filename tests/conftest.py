@@ -150,8 +150,8 @@ def write_test_video(path: Path, wild: Path, people: list[str], *, size=(640, 48
             if not s["start"] <= f < s["end"]:
                 continue
             t = (f - s["start"]) / max(1, s["end"] - s["start"] - 1)
-            x = int(round((1 - t) * (w) + t * (-sprite_h))) if s["leftward"] else \
-                int(round((1 - t) * (-sprite_h) + t * w))
+            x = int(round((1 - t) * w - t * sprite_h)) if s["leftward"] else \
+                int(round(t * w - (1 - t) * sprite_h))
             x0, x1 = max(0, x), min(w, x + sprite_h)
             if x1 > x0:
                 frame[s["y"]:s["y"] + sprite_h, x0:x1] = s["sprite"][:, x0 - x:x1 - x]

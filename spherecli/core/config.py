@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from spherecli.core.errors import UserError
-from spherecli.core.registry import (A_SOFTMAX_BACKWARD, AMP_MODES, BORDER_MODES, FLIP_MODES, HEADS,
-                                     NETWORKS, RUNTIMES, SELECT_RULES, STALL_ACTIONS)
+from spherecli.core.registry import (A_SOFTMAX_BACKWARD, ACCUMULATE_RULES, AMP_MODES, BORDER_MODES,
+                                     FLIP_MODES, HEADS, NETWORKS, RUNTIMES, SELECT_RULES, STALL_ACTIONS)
 from spherecli.core.validate import COUNT, NOT_NEGATIVE_INT, Range, check_settings, check_value, setting
 
 
@@ -86,6 +86,27 @@ class EvalSettings:
 
 
 EVAL_FIELDS = {f.name: f for f in fields(EvalSettings)}
+
+
+@dataclass
+class VideoSettings:
+    """How `identify` tracks and names the faces of a video, camera or stream. Each field's
+    help and range are the `identify` option's."""
+    # On every frame: sparser detection measured faster but merged crossing people's tracks
+    # (docs/benchmarks.md, "video").
+    detect_every: int = setting(1, "Tracked video: run the detector on every N-th frame, the tracks' "
+                                "boxes held between.", Range(1, 100, integer=True))
+    # 40 px halves MTCNN's time on a 640 x 480 frame against the original's 20, and a face
+    # under 40 px is upscaled 3x into a 112 x 96 crop anyway.
+    min_face: int = setting(40, "Tracked video: the smallest face (pixels) the detector looks for.",
+                            Range(12, 10_000, integer=True))
+    accumulate: str = setting("template", "Tracked video: a track's identity from the mean of its best "
+                              "views, or from a vote of them.", choices=ACCUMULATE_RULES)
+    timeout: float = setting(10.0, "Seconds without a frame before the run ends, saying so (a stream "
+                             "that stops is first reopened, 3 tries).", Range(0.1, 3600))
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 @dataclass

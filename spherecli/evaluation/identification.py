@@ -92,9 +92,8 @@ def suspected_probes(probes: np.ndarray, probe_labels, distractors: np.ndarray, 
     """Distractor identities that look like probe people: those with a photo scoring, against
     a probe person's template (the normalised mean of their probe photos), at or above the
     highest score any probe photo reaches against another probe person's template. With
-    unnamed distractors (CelebA publishes no names) overlap cannot be checked by name;
-    MegaFace's own lists were cleaned of such faces later, by hand. Returns the threshold
-    and the mask of distractors kept."""
+    unnamed distractors (CelebA publishes no names) overlap cannot be checked by name.
+    Returns the threshold and the mask of distractors kept."""
     probe_labels = np.asarray(probe_labels, dtype=str)
     people, owner = np.unique(probe_labels, return_inverse=True)
     t = np.zeros((len(people), probes.shape[1]), np.float64)
@@ -112,15 +111,20 @@ def suspected_probes(probes: np.ndarray, probe_labels, distractors: np.ndarray, 
             "photos_removed": int((~keep).sum()), "keep": keep}
 
 
+def threshold_at_rate(largest: np.ndarray, rate: float, total: int) -> float:
+    """The lowest threshold (accepting score >= it) that accepts at most rate x total of
+    `total` negative scores, from the largest of them sorted descending (at least rate x
+    total + 1 of them, or all): just above the first one it must reject."""
+    allowed = int(np.floor(rate * total + 1e-9))
+    return float(np.nextafter(largest[allowed], np.inf)) if allowed < len(largest) else -1.0
+
+
 def tar_at_far(genuine: np.ndarray, top_impostors: np.ndarray, far: float, impostors: int) -> dict:
     """TAR at the lowest threshold accepting at most far of the impostors, from the largest
-    impostor scores (sorted descending; at least far x impostors + 1 of them)."""
-    allowed = int(np.floor(far * impostors + 1e-9))
-    resolvable = far * impostors >= 1
-    threshold = float(np.nextafter(top_impostors[allowed], np.inf)) if allowed < len(top_impostors) \
-        else float(-1.0)
+    impostor scores (sorted descending)."""
+    threshold = threshold_at_rate(top_impostors, far, impostors)
     return {"tar": float(np.mean(genuine >= threshold)) if len(genuine) else None, "threshold": threshold,
-            "impostors": impostors, "resolvable": bool(resolvable)}
+            "impostors": impostors, "resolvable": bool(far * impostors >= 1)}
 
 
 def open_set(probes, probe_labels, queries, query_labels, best_distractor, same_set: bool,
@@ -155,8 +159,7 @@ def open_set(probes, probe_labels, queries, query_labels, best_distractor, same_
     out = {"enrolled_people": len(enrolled), "mated_searches": int(len(mated_ok)),
            "non_mated_searches": int(len(non_mated)), "fnir_at_fpir": {}}
     for fpir in fpirs:
-        allowed = int(np.floor(fpir * len(non_mated) + 1e-9))
-        threshold = float(np.nextafter(non_mated[allowed], np.inf)) if allowed < len(non_mated) else -1.0
+        threshold = threshold_at_rate(non_mated, fpir, len(non_mated))
         fnir = float(np.mean(~(mated_ok & (mated_score >= threshold)))) if len(mated_ok) else None
         out["fnir_at_fpir"][f"{fpir:g}"] = {"fnir": fnir, "threshold": threshold,
                                             "resolvable": bool(fpir * len(non_mated) >= 1)}

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 import uuid
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +55,7 @@ class Gallery:
     def __init__(self, folder: Path | None, db: sqlite3.Connection, meta: dict):
         self.folder, self.db, self.meta = folder, db, meta
         self.notes: list[str] = []
-        self._index = None  # (generation, kind, FAISS index, vectors by id for rescoring)
+        self._index: _Index | None = None
 
     # ------------------------------------------------------------------ making and opening
 
@@ -78,8 +80,6 @@ class Gallery:
 
     @classmethod
     def memory(cls, model, *, by: str = "template") -> "Gallery":
-        import sqlite3
-
         from spherecli.core.formats import GALLERY_SCHEMA
 
         _check_choice("by", by, SEARCH_BY)
@@ -166,8 +166,6 @@ class Gallery:
         from them are removed (a gallery kept in step with a folder). Returns counts."""
         from tqdm import tqdm
 
-        import time
-
         self.check(model)
         started, storing = time.perf_counter(), 0.0
         items, notes = _items(sources, name)
@@ -215,7 +213,8 @@ class Gallery:
                 gone = [s for s in known if s not in present and any(s.startswith(r) for r in roots)]
                 removed = self._delete("source", gone)
             t0 = time.perf_counter()
-            self._refresh_index(write=True)
+            if self.folder is not None:  # saved for the next search; one in memory is built when searched
+                self._refresh_index(write=True)
             storing += time.perf_counter() - t0
         self.notes = notes
         seconds = time.perf_counter() - started
@@ -239,7 +238,8 @@ class Gallery:
             ids = [r[0] for p in people
                    for r in self.db.execute("SELECT id FROM people WHERE name = ?", (p,))]
             n += self._delete("person", ids)
-            self._refresh_index(write=True)
+            if self.folder is not None:
+                self._refresh_index(write=True)
         return n
 
     def _put(self, person: str, source: str, stamp: str, feature, box, note) -> None:
@@ -273,8 +273,6 @@ class Gallery:
 
     def _writing(self):
         """One writer at a time: a second enrolment is refused, saying who holds the gallery."""
-        from contextlib import nullcontext
-
         if self.folder is None:
             return nullcontext()
         return locked(self.folder / "gallery.sqlite", "gallery enrolment")
@@ -300,11 +298,11 @@ class Gallery:
         t /= np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
         return people, t.astype(np.float32)
 
-    def _refresh_index(self, write: bool = False):
+    def _refresh_index(self, write: bool = False) -> "_Index":
         """The FAISS index of the current generation: held, read from its file, or built (and,
         by a writer, saved for the next search)."""
         generation = self.meta["generation"]
-        if self._index is not None and self._index[0] == generation:
+        if self._index is not None and self._index.generation == generation:
             return self._index
         ids, vectors = self._vectors()
         kind = faiss_search.resolve_kind(self.meta["index"], len(ids))
@@ -326,8 +324,9 @@ class Gallery:
                 with transaction(self.db):
                     self.meta["index_file"] = [path.name, generation]
                     write_gallery_meta(self.db, {"index_file": self.meta["index_file"]})
-        by_id = dict(zip(ids.tolist(), range(len(ids))))
-        self._index = (generation, kind, index, by_id, vectors)
+        most = self.db.execute("SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM photos WHERE feature IS NOT "
+                               "NULL GROUP BY person)").fetchone()[0] if self.meta["by"] == "photo" else 1
+        self._index = _Index(generation, kind, index, ids, vectors, most or 1)
         return self._index
 
     def _reload_meta(self) -> None:
@@ -338,19 +337,17 @@ class Gallery:
     def search(self, units: np.ndarray, k: int = 1) -> list[list[Candidate]]:
         """The k best people for each unit feature (N, D), best first."""
         self._reload_meta()
-        _, kind, index, by_id, vectors = self._refresh_index()
-        if index is None:
+        held = self._refresh_index()
+        if held.index is None:
             raise UserError(f"{self.folder or 'the gallery'}: nobody is enrolled (no photo with a face)")
         units = np.atleast_2d(np.asarray(units, np.float32))
-        if units.shape[1] != index.d:
+        if units.shape[1] != held.index.d:
             raise UserError(f"features of size {units.shape[1]} cannot be searched in a gallery of "
-                            f"size {index.d}")
-        photo = self.meta["by"] == "photo"
-        most = self.db.execute("SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM photos WHERE feature IS NOT "
-                               "NULL GROUP BY person)").fetchone()[0] if photo else 1
-        scores, ids = faiss_search.search(index, kind, units, min(k * most, 1024),
-                                          lambda found: vectors[[by_id[i] for i in found.tolist()]])
-        names = self._names(ids, photo)
+                            f"size {held.index.d}")
+        # ids are sorted (photo ids in order, person ids from np.unique): a search finds rows
+        scores, ids = faiss_search.search(held.index, held.kind, units, min(k * held.most, 1024),
+                                          lambda found: held.vectors[np.searchsorted(held.ids, found)])
+        names = self._names(ids, self.meta["by"] == "photo")
         out = []
         for row_scores, row_ids in zip(scores, ids):
             best: dict[str, Candidate] = {}
@@ -378,23 +375,32 @@ class Gallery:
         return out
 
 
+@dataclass
+class _Index:
+    """A gallery's search index as held for one generation: the FAISS index and the sorted ids
+    and vectors it was built from (for rescoring), and the most photos any person has (a
+    search by photo asks for that many candidates a person)."""
+    generation: int
+    kind: str
+    index: object
+    ids: np.ndarray
+    vectors: np.ndarray
+    most: int
+
+
+@contextmanager
 def transaction(db: sqlite3.Connection):
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: an update is all or nothing."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def run():
-        if db.in_transaction:  # nested: the outer transaction decides
-            yield
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-    return run()
+    if db.in_transaction:  # nested: the outer transaction decides
+        yield
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _check_choice(name: str, value: str, choices) -> None:

@@ -100,9 +100,8 @@ def search(index, kind: str, queries: np.ndarray, k: int,
         found = row >= 0
         scores[i, found] = vectors(row[found]) @ queries[i]
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    best = np.take_along_axis(candidates, order, axis=1)
-    return np.take_along_axis(scores, order, axis=1), np.where(np.isfinite(
-        np.take_along_axis(scores, order, axis=1)), best, -1)
+    scores, best = np.take_along_axis(scores, order, axis=1), np.take_along_axis(candidates, order, axis=1)
+    return scores, np.where(np.isfinite(scores), best, -1)
 
 
 def save(index, path) -> None:

@@ -17,20 +17,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
+from spherecli.core.config import VideoSettings
 from spherecli.core.errors import UserError
-from spherecli.core.registry import ACCUMULATE_RULES as ACCUMULATE
+from spherecli.core.images import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, is_image_name, walk_images
 
 BEST_VIEWS = 3          # the views a track's template is the mean of
 VIEW_GAP = 5            # frames between the views a young track collects
 BETTER = 1.25           # a view this much better (score x face size) than the best is embedded
 RECHECK_LOST = 10       # a track seen again after this many frames unseen is embedded again
 CORRUPT_RUN = 50        # this many unreadable frames in a row end a file
-DETECT_EVERY = 1        # the default of --detect-every (docs/benchmarks.md, "video")
-# MTCNN's smallest face in video: 40 px halves its time on a 640 x 480 frame against the
-# original's 20, and a face under 40 px is upscaled 3x into a 112 x 96 crop anyway.
-MIN_FACE = 40
 
 
 @dataclass
@@ -64,8 +62,6 @@ def open_source(spec: str) -> tuple[object, bool, str]:
         if spec.split("://", 1)[0].lower() not in ("rtsp", "rtmp", "http", "https", "udp", "tcp"):
             raise UserError(f"{spec}: not a stream URL this reads (rtsp, rtmp, http, https, udp, tcp)")
         return spec, True, spec
-    from spherecli.core.images import VIDEO_EXTENSIONS
-
     path = Path(spec)
     if not path.exists():
         raise UserError(f"{spec}: no such file, folder, camera index or stream URL")
@@ -76,12 +72,10 @@ def open_source(spec: str) -> tuple[object, bool, str]:
 
 class FrameSource:
     """The frames of a probe, read on a thread. live: keep only the newest frame (default:
-    for cameras and streams); timeout: seconds without a frame before a live source is
-    reopened (retries times) and then ends."""
+    for cameras and streams); a stream that stops is reopened up to retries times, and no
+    frame for timeout seconds ends the source."""
 
     def __init__(self, spec: str, *, live: bool | None = None, timeout: float = 10.0, retries: int = 3):
-        from spherecli.core.images import IMAGE_EXTENSIONS, walk_images
-
         self.target, default_live, self.name = open_source(str(spec))
         self.live = default_live if live is None else live
         self.paced = self.live and not default_live  # a file read at its own rate, as a camera would be
@@ -93,8 +87,6 @@ class FrameSource:
         if self.frames is not None and not self.frames:
             raise UserError(f"{self.name}: no frames ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
         self.capture = None if self.frames is not None else self._open()
-        import cv2
-
         self.fps = 25.0 if self.capture is None else (self.capture.get(cv2.CAP_PROP_FPS) or 25.0)
         if not 1 <= self.fps <= 240:
             self.fps = 25.0
@@ -108,8 +100,6 @@ class FrameSource:
         self._thread.start()
 
     def _open(self):
-        import cv2
-
         capture = cv2.VideoCapture(str(self.target) if isinstance(self.target, Path) else self.target)
         if not capture.isOpened():
             raise UserError(f"{self.name}: cannot open it as a video")
@@ -117,10 +107,6 @@ class FrameSource:
 
     def _read(self):
         """(ok, BGR frame or None) of the next frame; ok False at the end."""
-        import cv2
-
-        from spherecli.core.images import is_image_name
-
         if self.frames is not None:
             if self.stats.read + self.stats.corrupt >= len(self.frames):
                 return False, None
@@ -200,12 +186,12 @@ class FrameSource:
     def __iter__(self):
         while True:
             with self._cond:
-                if not self._cond.wait_for(lambda: self._slot, self.timeout):
-                    self.stats.ended = f"no frame for {self.timeout:g} s"
-                    self.close()
-                    return
-                frame = self._slot.pop(0)
+                waited = bool(self._cond.wait_for(lambda: self._slot, self.timeout))
+                frame = self._slot.pop(0) if waited else None
                 self._cond.notify_all()
+            if not waited:
+                self.stats.ended = f"no frame for {self.timeout:g} s"
+                self.close()
             if frame is None:
                 return
             yield frame
@@ -254,26 +240,23 @@ def view_quality(face: dict, width: int, height: int) -> float:
 
 
 class TrackedIdentifier:
-    """Faces of a stream of frames tracked and named from a gallery (see the module's text).
-    detect_every: MTCNN on every N-th frame, the tracks' last boxes between; accumulate:
-    a track's identity from the template of its best views, or from a vote of them."""
+    """Faces of a stream of frames tracked and named from a gallery (see the module's text),
+    as the settings say: MTCNN on every detect_every-th frame (the tracks' last boxes
+    between), a track's identity from the template of its best views or a vote of them."""
 
-    def __init__(self, model, gallery, *, fps: float = 25.0, detect_every: int = DETECT_EVERY,
-                 accumulate: str = "template", min_face: int = MIN_FACE):
+    def __init__(self, model, gallery, settings: VideoSettings, fps: float = 25.0):
         from dataclasses import replace
 
         from trackers import ByteTrackTracker
 
         from spherecli.preprocess.detect import FaceDetector
 
-        if accumulate not in ACCUMULATE:
-            raise UserError(f"`accumulate` must be one of {', '.join(ACCUMULATE)}, got {accumulate!r}")
         self.model, self.gallery = model, gallery
         # A face cut by the frame's edge is seen whole a few frames later: no padded second
         # detection (the photo path's border handling) in video.
-        self.detector = FaceDetector(replace(model.embedder.settings, min_face=min_face, border="none"),
-                                     str(model.embedder.device))
-        self.detect_every, self.accumulate = detect_every, accumulate
+        self.detector = FaceDetector(replace(model.embedder.settings, min_face=settings.min_face,
+                                             border="none"), str(model.embedder.device))
+        self.detect_every, self.accumulate = settings.detect_every, settings.accumulate
         self.tracker = ByteTrackTracker(frame_rate=fps, lost_track_buffer=int(fps),
                                         minimum_consecutive_frames=1, track_activation_threshold=0.6)
         self.tracks: dict[int, Track] = {}
@@ -368,18 +351,48 @@ class VideoRun:
     """`identify` of a video, camera or stream with tracking: rows() yields a "frame" record
     per tracked face per frame; after it ends, or is interrupted (close() in a finally),
     summary() gives one "track" record per track and a "source" record of counts and
-    speed. annotate: a video file at the source's rate; show: a live window."""
+    speed; write() does all of it into the CSV and the log. annotate: a video file at the
+    source's rate; show: a live window."""
 
-    def __init__(self, model, gallery, probe: str, *, detect_every: int = DETECT_EVERY,
-                 accumulate: str = "template", min_face: int = MIN_FACE, live: bool | None = None,
-                 annotate=None, show: bool = False, timeout: float = 10.0):
+    def __init__(self, model, gallery, probe: str, settings: VideoSettings | None = None, *,
+                 live: bool | None = None, annotate=None, show: bool = False):
+        settings = settings or VideoSettings()
         if show:
             check_display()
-        self.source = FrameSource(probe, live=live, timeout=timeout)
-        self.ident = TrackedIdentifier(model, gallery, fps=self.source.fps, detect_every=detect_every,
-                                       accumulate=accumulate, min_face=min_face)
+        self.source = FrameSource(probe, live=live, timeout=settings.timeout)
+        self.ident = TrackedIdentifier(model, gallery, settings, fps=self.source.fps)
         self.annotate, self.show = annotate, show
         self.writer, self.size, self.lags, self.seconds, self.drawing = None, None, [], 0.0, 0.0
+        self.interrupted = False
+
+    def write(self, sink, log=None, progress: bool = False) -> list[dict]:
+        """The CSV rows into sink and every record into the log (JSON Lines, flushed each
+        frame); Ctrl-C ends it like the source's end (interrupted is then True), so that the
+        annotated video plays and the log holds every track. Returns summary()."""
+        import json
+
+        from spherecli.recognition.identify import write_csv
+
+        name = self.source.name if is_stream(self.source.name) else Path(self.source.name).name
+        journal = open(log, "w", encoding="utf-8") if log else None
+
+        def frames():
+            for row in self.rows(progress):
+                if journal:
+                    journal.write(json.dumps(row) + "\n")
+                    journal.flush()
+                yield {**row, "source": name}
+        try:
+            write_csv(frames(), sink)
+        except KeyboardInterrupt:
+            self.interrupted = True
+        finally:
+            self.close()
+            summary = self.summary()
+            if journal:
+                journal.writelines(json.dumps(r) + "\n" for r in summary)
+                journal.close()
+        return summary
 
     def rows(self, progress: bool = False):
         from tqdm import tqdm
@@ -407,8 +420,6 @@ class VideoRun:
     def _picture(self, frame: Frame, rows: list[dict]) -> bool:
         """Draw the frame's answers into the video and the window; False when the window's
         viewer pressed q or Esc."""
-        import cv2
-
         from spherecli.recognition.identify import draw
 
         picture = draw(frame.rgb, rows)
@@ -431,8 +442,6 @@ class VideoRun:
 
     def close(self) -> None:
         """Stop reading and finish the annotated video, so that it plays."""
-        import cv2
-
         self.source.close()
         if self.writer is not None:
             self.writer.release()
