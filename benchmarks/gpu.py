@@ -22,7 +22,10 @@ What it measures, each step on its own (a failing step is recorded and the next 
 - evaluate's feature extraction on the GPU, images/s, and LFW accuracy against the
   CPU's with the same network;
 - JPEG decoding of aligned crops on the GPU (torchvision.io.decode_jpeg in batches)
-  against the CPU.
+  against the CPU;
+- SphereFace+'s MHE term at 10,575 classes, forward and backward: the paper's mini-batch
+  form (the batch's classes against all) and all C^2 pairs, against the network's
+  training step in the same run.
 `--device cpu --tiny` runs every step small on the CPU: the test suite does, so the
 check cannot rot before a GPU comes.
 """
@@ -47,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from spherecli.core.config import TrainConfig  # noqa: E402
 from spherecli.core.formats import ImageList, InputSpec, read_list  # noqa: E402
-from spherecli.training.heads import create_head  # noqa: E402
+from spherecli.training.heads import create_head, hyperspherical_energy  # noqa: E402
 from spherecli.models import create_model  # noqa: E402
 from spherecli.training.train import Trainee, Trainer  # noqa: E402
 
@@ -179,6 +182,38 @@ def plain_loop(device, arch: str, classes: int):
     return step
 
 
+def mhe_cost(device, arch: str, batch: int, iters: int, classes: int) -> list[dict]:
+    """Milliseconds per iteration of SphereFace+'s energy term, forward and backward, beside the
+    fp32 training step of the network and A-Softmax head it regularises."""
+    def timed(step) -> tuple[float, float | None]:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+        return (time.perf_counter() - start) / iters * 1000, peak
+
+    x = torch.randint(0, 256, (batch, 3, 112, 96), dtype=torch.uint8, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    network_step = plain_loop(device, arch, classes)
+    ms_network, peak = timed(lambda: network_step(x, y))
+    rows = [{"what": f"{arch} + A-Softmax training step (fp32)", "ms": round(ms_network, 2),
+             "peak_gb": peak and round(peak, 2)}]
+    weight = torch.randn(classes, 512, device=device, requires_grad=True)
+    for pairs, labels in (("batch", y), ("all", None)):
+        def energy(labels=labels):
+            weight.grad = None
+            hyperspherical_energy(weight, labels).backward()
+        ms, peak = timed(energy)
+        rows.append({"what": f"MHE, {pairs} pairs", "ms": round(ms, 2), "peak_gb": peak and round(peak, 2),
+                     "share_of_step": round(ms / ms_network, 4)})
+    return rows
+
+
 def ddp_training(bundle: Path, work: Path, device, arch: str, batch: int, iters: int) -> dict:
     """The real trainer under torchrun, one process per GPU, from the cache file."""
     nproc = torch.cuda.device_count() if device.type == "cuda" else 1
@@ -306,6 +341,14 @@ def markdown(report: dict) -> str:
                          f"{'yes' + extra if r['compile'] else 'no'} | {r['images_per_s']} | "
                          f"{r['peak_gb']} |")
         lines.append("")
+    if isinstance(report.get("mhe_cost"), list):
+        lines += ["SphereFace+'s energy term over 10,575 classes, 512-d, forward and backward, "
+                  "batch 256:", "",
+                  "| what | ms per iteration | share of the training step | peak memory (GB) |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {r['what']} | {r['ms']} | {r.get('share_of_step', '')} | {r['peak_gb']} |"
+                  for r in report["mhe_cost"]]
+        lines.append("")
     for key, title in (("ddp_training", "The real trainer under torchrun"), ("detection", "MTCNN detect"),
                        ("extraction", "evaluate's feature extraction"), ("jpeg_decoding", "JPEG decoding")):
         if key in report:
@@ -373,6 +416,8 @@ def main():
         "extraction": lambda: extraction(args.bundle, device, "sphere4", 0 if tiny else 8,
                                          40 if tiny else None),
         "jpeg_decoding": lambda: jpeg_decoding(args.bundle, device, 64 if tiny else 7701),
+        "mhe_cost": lambda: mhe_cost(device, "sphere4" if tiny else "sphere20", 2 if tiny else 256,
+                                     1 if tiny else 10, 50 if tiny else CASIA_CLASSES),
     }
     wanted = args.steps.split(",") if args.steps else list(steps)
     for name in wanted:

@@ -310,7 +310,11 @@ def config_options(fn):
     from spherecli.core.config import HEAD_SETTINGS, TrainConfig
 
     for name, (kind, text, rng) in reversed(HEAD_SETTINGS.items()):
-        fn = click.option("--" + name.replace("_", "-"), name, help=text,
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            fn = click.option(flag + "/" + flag.replace("--", "--no-", 1), name, default=None, help=text)(fn)
+            continue
+        fn = click.option(flag, name, help=text,
                           type=click.Choice(kind) if isinstance(kind, tuple) else Number(rng) if rng
                           else kind)(fn)
     paths = {"list": EXISTING_FILE, "root": EXISTING_FOLDER, "init_from": EXISTING_FILE,
@@ -824,25 +828,32 @@ def afs(aligned_dir, model, device, input_spec, threads, flip, quiet):
 @click.option("--plot", type=OutputPath("png"), help="Draw the runs' curves of --key into this PNG.")
 @click.option("--key", default="loss", help="What to plot: loss, acc, feature_norm, lambda, lr.")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON lines.")
-def report(runs, plot, key, as_json):
-    """Compare training runs: final loss, accuracy, speed, LFW (when evaluated), curves."""
+@click.option("--benchmark", "benchmarks", multiple=True, default=("lfw",), show_default=True,
+              help="A benchmark whose result (MODEL.<name>.json from `evaluate`) gets a column; repeatable.")
+@click.option("--baseline", type=EXISTING_FOLDER, help="A run to compare with: each benchmark's accuracy "
+              "difference fold by fold (mean +- standard error, folds better).")
+def report(runs, plot, key, as_json, benchmarks, baseline):
+    """Compare training runs: final loss, accuracy, speed, benchmarks (when evaluated), each
+    against a baseline run fold by fold, curves."""
     import json
 
     from spherecli.core.outputs import Outputs
-    from spherecli.evaluation.report import COLUMNS, curves, summarize, table_row
+    from spherecli.evaluation.report import against, columns, curves, summarize, table_row
 
-    with Outputs(runs) as outputs:
+    with Outputs(runs + ((baseline,) if baseline else ())) as outputs:
         if plot:
             outputs.file(plot, "png")
-        rows = [summarize(r) for r in runs]
+        rows = [summarize(r, benchmarks) for r in runs]
+        if baseline:
+            against(rows, summarize(baseline, benchmarks), benchmarks)
         series = curves(runs, key, drawing=bool(plot))  # a bad --key fails before anything is printed
         if as_json:
             for row in rows:
                 click.echo(json.dumps(row))
         else:
-            table = Table(*COLUMNS)
+            table = Table(*columns(benchmarks, baseline and Path(baseline).name))
             for row in rows:
-                table.add_row(*table_row(row))
+                table.add_row(*table_row(row, benchmarks, bool(baseline)))
             stdout().print(table)
         if plot:
             from spherecli.evaluation.plot import line_chart

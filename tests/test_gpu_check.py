@@ -58,6 +58,8 @@ def test_gpu_check_runs_every_step_on_the_cpu(synthetic_list, tmp_path):
     assert ddp["returncode"] == 0 and ddp["iterations"] == 12 and ddp["checkpoint"] and ddp["model"]
     assert report["detection"]["landmarks_over_0.1_px"] == 0
     assert report["extraction"]["accuracy_diff_points"] == 0.0
+    assert [r["what"] for r in report["mhe_cost"]][1:] == ["MHE, batch pairs", "MHE, all pairs"]
+    assert all(r["ms"] > 0 for r in report["mhe_cost"])
     # A rerun of one step after a fix, recorded over the first run's.
     r = subprocess.run(GPU_CHECK + ["--bundle", str(bundle), "--out", str(out / "rerun"), "--device", "cpu",
                                     "--tiny", "--steps", "ddp_training"], capture_output=True, text=True,
@@ -72,4 +74,4 @@ def test_gpu_check_runs_every_step_on_the_cpu(synthetic_list, tmp_path):
     subprocess.run(record, check=True)
     text = docs.read_text()
     assert text.count("<!-- gpu-check -->") == 1 and "| trainer | bf16 |" in text
-    assert "--steps ddp_training" in text and "MTCNN detect" in text
+    assert "--steps ddp_training" in text and "MTCNN detect" in text and "| MHE, all pairs |" in text

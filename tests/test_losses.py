@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from spherecli import UserError
-from spherecli.training.heads import ASoftmax, ArcFace, CosFace, Softmax, create_head, psi
+from spherecli.training.heads import (ASoftmax, ArcFace, CosFace, Softmax, SphereFace2, SphereFaceR,
+                                     create_head, hyperspherical_energy, psi)
 from spherecli.core.registry import HEADS
 
 
@@ -128,7 +129,7 @@ def test_no_nan_for_zero_features_or_cos_at_plus_minus_one(name, settings):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = head(x, y)
     assert logits.dtype == torch.float32
-    loss = F.cross_entropy(logits, y)
+    loss = head.loss(logits, y)
     loss.backward()
     assert torch.isfinite(logits).all() and torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in head.parameters())
@@ -158,6 +159,12 @@ def test_bad_head_options():
         create_head("sphereloss", 4, 3)
     with pytest.raises(UserError, match=r"cosface head does not take lambda_hold \(it takes: scale, "):
         create_head("cosface", 4, 3, lambda_hold=400)
+    with pytest.raises(UserError, match="at least 1"):
+        create_head("spherefacer", 4, 3, margin=0.5)
+    with pytest.raises(UserError, match="between 0 and 1"):
+        create_head("sphereface2", 4, 3, positive_weight=1.0)
+    with pytest.raises(UserError, match="mhe_distance must be one of euclidean, angular"):
+        create_head("asoftmax", 4, 3, mhe=1.0, mhe_distance="geodesic")
 
 
 def test_every_head_setting_is_a_training_option():
@@ -167,3 +174,156 @@ def test_every_head_setting_is_a_training_option():
 
     taken = {option for name in HEADS.names for option in head_settings(name)}
     assert taken == set(HEAD_SETTINGS)
+
+
+def _at_angles(weight, theta, radius=2.5):
+    """Features at the given angles from the first class weight, in the plane of the first two axes."""
+    w0 = F.normalize(weight[0].detach(), dim=0)
+    base = torch.atan2(w0[1], w0[0])
+    return radius * torch.stack([torch.cos(base + theta), torch.sin(base + theta)], 1)
+
+
+@pytest.mark.parametrize("version", ["v0", "v1"])
+@pytest.mark.parametrize("m", [1.0, 1.5, 1.7, 4.0])
+def test_sphereface_r_target_logit_is_the_papers_margin(version, m):
+    """SphereFace-R (HFN): s psi(theta_y) with psi = (-1)^k cos(m theta) - 2k, k = floor(m theta / pi)
+    (v0), or cos(min(m theta, pi)) (v1); the other classes s cos theta."""
+    torch.manual_seed(0)
+    head = SphereFaceR(2, 3, scale=30.0, margin=m, version=version).double().eval()
+    theta = torch.linspace(0.05, math.pi - 0.05, 23, dtype=torch.double)
+    x = _at_angles(head.weight, theta.double())
+    logits = head(x, torch.zeros(len(x), dtype=torch.long))
+    if version == "v0":
+        k = torch.floor(m * theta / math.pi)
+        expected = (-1) ** k * torch.cos(m * theta) - 2 * k
+    else:
+        expected = torch.cos(torch.clamp(m * theta, max=math.pi))
+    torch.testing.assert_close(logits[:, 0], 30 * expected, rtol=1e-9, atol=1e-9)
+    w = F.normalize(head.weight.detach(), dim=1)
+    torch.testing.assert_close(logits[:, 1:], 30 * F.normalize(x, dim=1) @ w[1:].t())
+
+
+def test_sphereface_r_gradient_is_the_detached_one():
+    """Characteristic gradient detachment: the gradient of SphereFace-R's logits is that of s cos theta
+    (autograd of the literal formula), not that of s psi(theta)."""
+    torch.manual_seed(1)
+    head = SphereFaceR(6, 4, scale=30.0, margin=1.5).double().train()
+    x = torch.randn(5, 6, dtype=torch.double, requires_grad=True)
+    y = torch.randint(0, 4, (5,))
+    upstream = torch.randn(5, 4, dtype=torch.double)
+    (head(x, y) * upstream).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    w2 = head.weight.detach().clone().requires_grad_(True)
+    cos = (x2 / x2.norm(dim=1, keepdim=True)) @ (w2 / w2.norm(dim=1, keepdim=True)).t()
+    (30 * cos * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(head.weight.grad, w2.grad)
+    # ... while autograd of psi itself would differ: the detachment is what is tested.
+    x3 = x.detach().clone().requires_grad_(True)
+    c = ((x3 / x3.norm(dim=1, keepdim=True)) @ (w2.detach() / w2.detach().norm(dim=1, keepdim=True)).t())
+    theta = torch.acos(c.gather(1, y[:, None]).clamp(-1 + 1e-9, 1 - 1e-9))
+    k = torch.floor(1.5 * theta / math.pi).detach()
+    psi_y = (-1) ** k * torch.cos(1.5 * theta) - 2 * k
+    (30 * c.scatter(1, y[:, None], psi_y) * upstream).sum().backward()
+    assert not torch.allclose(x3.grad, x.grad)
+
+
+def _sphereface2_literal(cos, y, r=40.0, m=0.4, lam=0.7, t=3.0, lw=50.0, b=0.0):
+    """The paper's loss, face by face and class by class."""
+    total = 0.0
+    for i in range(len(cos)):
+        for j in range(len(cos[i])):
+            g = 2 * ((cos[i][j] + 1) / 2) ** t - 1
+            if j == y[i]:
+                total += lam / r * math.log(1 + math.exp(-(r * (g - m) + b)))
+            else:
+                total += (1 - lam) / r * math.log(1 + math.exp(r * (g + m) + b))
+    return lw * total / len(cos)
+
+
+def test_sphereface2_loss_is_the_papers_formula():
+    torch.manual_seed(2)
+    head = SphereFace2(6, 5).double()
+    with torch.no_grad():
+        head.bias.fill_(-3.0)
+    x = torch.randn(4, 6, dtype=torch.double, requires_grad=True)
+    y = torch.tensor([0, 3, 3, 4])
+    loss = head.loss(head(x, y), y)
+    cos = (F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).t()).detach()
+    assert loss.item() == pytest.approx(_sphereface2_literal(cos.tolist(), y.tolist(), b=-3.0), rel=1e-9)
+    # The gradient is that of r cos in the logits (detached adjustment and margin): dL/dcos_yj is
+    # lw lambda sigma(-z) for the target, lw (1 - lambda) sigma(z) for the others, through cos.
+    loss.backward()
+    z = head(x, y).detach()
+    target = F.one_hot(y, 5).bool()
+    dcos = torch.where(target, -50 * 0.7 * torch.sigmoid(-z), 50 * 0.3 * torch.sigmoid(z)) / len(y)
+    x2 = x.detach().clone().requires_grad_(True)
+    (((F.normalize(x2, dim=1) @ F.normalize(head.weight.detach(), dim=1).t()) * dcos).sum()).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    assert head.bias.grad.item() == pytest.approx(dcos.sum().item() / 40, rel=1e-9)
+
+
+def test_sphereface2_bias_starts_where_its_gradient_is_zero():
+    """With every cosine 0, the target's pull on b equals the 999 others' push."""
+    head = SphereFace2(1_001, 1_000).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(1_000, 1_001, dtype=torch.double))
+    x = torch.zeros(3, 1_001, dtype=torch.double)
+    x[:, -1] = 1.0  # orthogonal to every class weight
+    y = torch.tensor([0, 5, 999])
+    logits = head(x, y)
+    head.loss(logits, y).backward()
+    # Each side alone pulls with lw lambda sigma(-z_y) / r, about 0.87; b is held in fp32.
+    pull = 50 * 0.7 * torch.sigmoid(-logits[0, 0]).item() / 40
+    assert pull > 0.5 and abs(head.bias.grad.item()) < 1e-6 * pull
+    assert head.loss(logits, y).item() == pytest.approx(head.chance_loss(1_000), rel=1e-6)
+
+
+def _energy_literal(w, rows, power, distance, half_space):
+    w = [v / np.linalg.norm(v) for v in w]
+    terms = []
+    for i in rows:
+        for j in range(len(w)):
+            if j == i:
+                continue
+            for sign in ((1, -1) if half_space else (1,)):
+                if distance == "angular":
+                    d = math.acos(max(-1.0, min(1.0, float(np.dot(w[i], sign * w[j])))))
+                else:
+                    d = float(np.linalg.norm(w[i] - sign * w[j]))
+                terms.append(math.log(1 / d) if power == 0 else d ** -power)
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("power", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("distance", ["euclidean", "angular"])
+@pytest.mark.parametrize("half_space", [False, True])
+def test_hyperspherical_energy_is_the_papers_sum(power, distance, half_space):
+    """MHE: the mean of d^-s (log 1/d for s = 0) over pairs of distinct unit class weights, by
+    Euclidean distance or angle, over all pairs or the batch's classes against all."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(5, 3))
+    weight = torch.tensor(w)
+    everything = hyperspherical_energy(weight, None, power, distance, half_space)
+    literal = _energy_literal(w, range(5), power, distance, half_space)
+    assert everything.item() == pytest.approx(literal, rel=1e-9)
+    labels = torch.tensor([4, 1, 1])
+    batch = hyperspherical_energy(weight, labels, power, distance, half_space)
+    assert batch.item() == pytest.approx(_energy_literal(w, [4, 1, 1], power, distance, half_space), rel=1e-9)
+
+
+def test_mhe_adds_its_weighted_energy_and_pushes_the_weights_apart():
+    torch.manual_seed(4)
+    x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    plain = create_head("asoftmax", 8, 3)
+    plus = create_head("asoftmax", 8, 3, mhe=0.5)
+    plus.load_state_dict(plain.state_dict())
+    assert plain.regulariser is None
+    energy = hyperspherical_energy(plus.weight, y)
+    torch.testing.assert_close(plus.loss(plus(x, y), y), plain.loss(plain(x, y), y) + 0.5 * energy)
+    assert plus.metrics()["mhe"] == pytest.approx(energy.item(), abs=1e-5)
+    # A step down the energy alone spreads the class weights: the energy falls.
+    weight = plus.weight.detach().clone().requires_grad_(True)
+    hyperspherical_energy(weight, None).backward()
+    moved = weight.detach() - 0.1 * weight.grad
+    assert hyperspherical_energy(moved, None) < hyperspherical_energy(weight, None)

@@ -55,6 +55,21 @@ def test_short_training_run_lowers_the_loss(synthetic_list, tmp_path, head):
     assert saved == cfg
 
 
+@pytest.mark.parametrize("head, settings", [("spherefacer", {}), ("sphereface2", {}),
+                                            ("asoftmax", {"mhe": 1.0, "lambda_hold": 20})])
+def test_sphereface_family_heads_train(synthetic_list, tmp_path, head, settings):
+    """SphereFace-R, SphereFace2 and SphereFace+ (A-Softmax + MHE) through the real loop."""
+    out = tmp_path / head
+    launch(run_cfg(synthetic_list, out, head=head, head_args=settings, max_iter=60, warmup=10,
+                   clip_grad=5))
+    rows = log_rows(out)
+    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"], [r["loss"] for r in rows]
+    assert rows[-1]["acc"] > rows[0]["acc"]
+    if "mhe" in settings:
+        assert all(0 < r["mhe"] < 1 for r in rows), "unit weights of 16 classes in 512-d: energy near 1/2"
+    assert load_config(out / "config.toml").head_args == settings
+
+
 def test_killed_run_resumes_onto_the_uninterrupted_curve(synthetic_list, tmp_path):
     options = ["--list", str(synthetic_list), "--arch", "sphere4", "--batch-size", "16", "--workers",
                "0", "--cache", "--display", "1", "--snapshot", "5", "--max-iter", "30",
@@ -253,23 +268,23 @@ def test_learning_rate_schedule():
 
 def test_stall_watch_flags_a_collapsing_run():
     chance = math.log(998)
-    watch = StallWatch(998, settle=100, action="warn")
+    watch = StallWatch(chance, settle=100, action="warn")
     assert watch.verdict(20, chance, 1.6) is None
     assert watch.verdict(60, chance, 0.3) is None  # too early to judge
     verdict = watch.verdict(120, chance - 0.01, 0.1)
     assert verdict and "--lambda-hold" in verdict and "--init-from" in verdict
-    exploding = StallWatch(998, 100, "warn")
+    exploding = StallWatch(chance, 100, "warn")
     exploding.verdict(20, chance, 5.0)
     assert exploding.verdict(200, 3.0, 60.0) is None
     verdict = exploding.verdict(700, 2 * chance, 4500.0)
     assert verdict and "unstable" in verdict and "--backward exact" in verdict
-    healthy = StallWatch(998, 100, "warn")
+    healthy = StallWatch(chance, 100, "warn")
     healthy.verdict(20, chance, 1.6)
     assert healthy.verdict(200, 4.0, 1.5) is None
     # warn: a note and training goes on; stop: the reason ends the run.
     notes = []
-    warner = StallWatch(998, 100, "warn", (notes.append,))
-    stopper = StallWatch(998, 100, "stop")
+    warner = StallWatch(chance, 100, "warn", (notes.append,))
+    stopper = StallWatch(chance, 100, "stop")
     for w in (warner, stopper):
         w.report({"iter": 20, "loss": chance, "feature_norm": 1.6})
     row = {"iter": 120, "loss": chance, "feature_norm": 0.1}
@@ -342,3 +357,14 @@ def test_a_compiled_run_writes_a_plain_model_and_resumes(synthetic_list, tmp_pat
     launch(run_cfg(synthetic_list, out, batch_size=8, max_iter=3, snapshot=1, compile=True), resume=True)
     assert Checkpoint.load(out / "checkpoint.pt").iteration == 3
     assert [r["iter"] for r in log_rows(out)] == [1, 2, 3]
+
+
+def test_paired_fold_differences_by_hand():
+    from spherecli.evaluation.report import paired
+
+    # Differences 5, 0, 5 points: mean 10/3, sample variance 25/3, standard error sqrt(25/9) = 5/3.
+    d = paired([0.85, 0.80, 0.90], [0.80, 0.80, 0.85], "run on lfw")
+    assert d["diff"] == pytest.approx(10 / 3) and d["se"] == pytest.approx(5 / 3)
+    assert (d["better"], d["folds"]) == (2, 3)
+    with pytest.raises(UserError, match="run on lfw: 2 folds against the baseline's 3"):
+        paired([0.8, 0.9], [0.8, 0.8, 0.85], "run on lfw")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from spherecli.core.errors import UserError
 from spherecli.core.registry import (A_SOFTMAX_BACKWARD, ACCUMULATE_RULES, AMP_MODES, BORDER_MODES,
-                                     FLIP_MODES, HEADS, NETWORKS, RUNTIMES, SELECT_RULES, STALL_ACTIONS)
+                                     FLIP_MODES, HEADS, MHE_DISTANCES, MHE_PAIRS, NETWORKS, RUNTIMES,
+                                     SELECT_RULES, SPHEREFACE_R_VERSIONS, STALL_ACTIONS)
 from spherecli.core.validate import COUNT, NOT_NEGATIVE_INT, Range, check_settings, check_value, setting
 
 
@@ -168,9 +169,11 @@ class TrainConfig:
 # The heads' settings, as flags and as keys of the [head] table. Each head takes
 # the ones its constructor names (spherecli/training/heads.py); others are an error.
 HEAD_SETTINGS = {
-    "margin": (float, "Margin m [default: A-Softmax 4, CosFace 0.35, ArcFace 0.5].", Range(0)),
-    "scale": (float, "Feature scale s [default: CosFace/ArcFace 64; A-Softmax none, i.e. |x|; a "
-                     "value gives feature-normalised A-Softmax].", Range(0, lo_open=True)),
+    "margin": (float, "Margin m [default: A-Softmax 4, CosFace 0.35, ArcFace 0.5, SphereFace-R 1.5, "
+                      "SphereFace2 0.4].", Range(0)),
+    "scale": (float, "Feature scale s [default: CosFace/ArcFace 64, SphereFace-R 30, SphereFace2 (r) 40; "
+                     "A-Softmax none, i.e. |x|; a value gives feature-normalised A-Softmax].",
+              Range(0, lo_open=True)),
     "lambda_base": (float, "A-Softmax lambda = max(lambda_min, base (1 + gamma t)^-power) [1000].", Range(0)),
     "lambda_gamma": (float, "A-Softmax lambda decay gamma [0.12].", Range(0)),
     "lambda_power": (float, "A-Softmax lambda decay power [1].", Range(0)),
@@ -180,6 +183,23 @@ HEAD_SETTINGS = {
     "backward": (A_SOFTMAX_BACKWARD, "A-Softmax gradient: exact (autograd) or original (the Caffe "
                                      "layer's normalised gradient, which diverged on CelebA; "
                                      "docs/training.md) [exact].", None),
+    "version": (SPHEREFACE_R_VERSIONS, "SphereFace-R's margin: v0, the original's psi for any real m, "
+                                       "or v1, cos(min(m theta, pi)) [v0].", None),
+    "positive_weight": (float, "SphereFace2: lambda, the weight of the target's binary term against "
+                               "the others' [0.7].", Range(0, 1, lo_open=True, hi_open=True)),
+    "similarity_power": (float, "SphereFace2: t of the similarity adjustment 2((cos + 1)/2)^t - 1 [3].",
+                         Range(0, lo_open=True)),
+    "loss_weight": (float, "SphereFace2: the loss's multiplier, lw [50].", Range(0, lo_open=True)),
+    # SphereFace+ (minimum hyperspherical energy): every head takes these.
+    "mhe": (float, "SphereFace+: weight lambda_M of the hyperspherical energy of the class weights "
+                   "[0: off].", Range(0)),
+    "mhe_power": (float, "SphereFace+: the energy's power s, d^-s (0: log 1/d) [2].", Range(0)),
+    "mhe_distance": (MHE_DISTANCES, "SphereFace+: Euclidean distance (MHE) or angle (A-MHE) between "
+                                    "class weights [euclidean].", None),
+    "mhe_half_space": (bool, "SphereFace+: also count each class weight's reflection (half-space "
+                             "MHE) [false].", None),
+    "mhe_pairs": (MHE_PAIRS, "SphereFace+: the batch's classes against every class (the paper's "
+                             "mini-batch form, B x C pairs) or all C^2 pairs [batch].", None),
 }
 
 # What run configs written before the [head] table held for every head, whichever it was.

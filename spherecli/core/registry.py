@@ -58,6 +58,8 @@ HEADS = Registry("head", {
     "softmax": "spherecli.training.heads",
     "cosface": "spherecli.training.heads",
     "arcface": "spherecli.training.heads",
+    "spherefacer": "spherecli.training.heads",
+    "sphereface2": "spherecli.training.heads",
 })
 
 # Where the five landmarks are put in an aligned crop: (height, width) and the
@@ -84,6 +86,9 @@ BORDER_MODES = ("redetect", "pad", "none")
 
 # Smaller choices, each made on the command line and in recipes.
 A_SOFTMAX_BACKWARD = ("exact", "original")       # autograd, or the Caffe layer's normalised gradient
+SPHEREFACE_R_VERSIONS = ("v0", "v1")           # psi as the original's, or cos(min(m theta, pi))
+MHE_DISTANCES = ("euclidean", "angular")          # SphereFace+: MHE's distance, or A-MHE's angle
+MHE_PAIRS = ("batch", "all")                      # SphereFace+: the batch's classes against all, or all pairs
 AMP_MODES = ("auto", "none", "bf16", "fp16")     # mixed precision; none is fp32
 FLIP_MODES = ("concat", "sum", "none")           # an image's feature with its mirror's
 SELECT_RULES = ("center", "largest", "confident")  # which face of several detect keeps

@@ -1,8 +1,10 @@
-"""Compare training runs: their numbers side by side and their curves in one picture."""
+"""Compare training runs: their numbers side by side, each benchmark's accuracy fold by fold
+against a baseline run's, and their curves in one picture."""
 
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 
 from spherecli.core.errors import UserError
@@ -27,9 +29,10 @@ def wall_seconds(rows: list[dict]) -> float:
     return total + previous
 
 
-def summarize(run: str | Path) -> dict:
-    """Final numbers of a run, and its LFW result when `evaluate` wrote one next to model.pt.
-    A run that stopped before its first log line has no numbers, only its settings."""
+def summarize(run: str | Path, benchmarks: tuple[str, ...] = ("lfw",)) -> dict:
+    """Final numbers of a run, and its result on each benchmark that `evaluate` wrote one for
+    next to model.pt ({name}_mean, _std, _folds). A run that stopped before its first log line
+    has no numbers, only its settings."""
     folder = RunFolder(Path(run))
     rows = run_rows(folder.path)
     cfg = load_config(folder.config) if folder.config.is_file() else None
@@ -43,11 +46,38 @@ def summarize(run: str | Path) -> dict:
            "images_per_s": round(sum(r["images_per_s"] for r in rows) / len(rows), 1) if rows else None,
            "final_loss": last.get("loss"), "train_acc": last.get("acc"),
            "feature_norm": last.get("feature_norm")}
-    result = result_path(folder.model)
-    if result.is_file():
-        r = read_result(result, ("mean", "std", "folds"))
-        out.update(lfw_mean=r["mean"], lfw_std=r["std"], lfw_folds=[f["accuracy"] for f in r["folds"]])
+    for name in benchmarks:
+        result = result_path(folder.model, name)
+        if result.is_file():
+            r = read_result(result, ("mean", "std", "folds"))
+            out.update({f"{name}_mean": r["mean"], f"{name}_std": r["std"],
+                        f"{name}_folds": [f["accuracy"] for f in r["folds"]]})
     return out
+
+
+def paired(folds: list[float], baseline: list[float], what: str) -> dict:
+    """The mean of the per-fold differences (points), its standard error, and the folds better:
+    both models scored on the same folds, so the paired difference is far more precise than
+    either model's spread over the folds."""
+    if len(folds) != len(baseline):
+        raise UserError(f"{what}: {len(folds)} folds against the baseline's {len(baseline)}; "
+                        "paired differences need the same protocol")
+    d = [100 * (a - b) for a, b in zip(folds, baseline)]
+    mean = sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
+    return {"diff": mean, "se": se, "better": sum(x > 0 for x in d), "folds": len(d)}
+
+
+def against(rows: list[dict], baseline: dict, benchmarks: tuple[str, ...]) -> None:
+    """Each row gains {name}_vs: its paired difference from the baseline run on that benchmark."""
+    for name in benchmarks:
+        if f"{name}_folds" not in baseline:
+            raise UserError(f"baseline {baseline['run']}: no {name} result next to its model.pt "
+                            f"(run `sphereface evaluate` on it first)")
+        for r in rows:
+            if f"{name}_folds" in r:
+                r[f"{name}_vs"] = paired(r[f"{name}_folds"], baseline[f"{name}_folds"],
+                                         f"{r['run']} on {name}")
 
 
 def curves(runs: list[str | Path], key: str = "loss", drawing: bool = True) -> dict[str, tuple[list, list]]:
@@ -67,14 +97,29 @@ def curves(runs: list[str | Path], key: str = "loss", drawing: bool = True) -> d
     return series
 
 
-COLUMNS = ("run", "arch", "head", "m", "iters", "min", "img/s", "loss", "train acc", "|x|", "LFW")
+COLUMNS = ("run", "arch", "head", "m", "iters", "min", "img/s", "loss", "train acc", "|x|")
 
 
-def table_row(r: dict) -> tuple[str, ...]:
-    """A summary as the COLUMNS of the comparison table; what a run does not have yet is blank."""
+def columns(benchmarks: tuple[str, ...], baseline: str | None) -> tuple[str, ...]:
+    names = []
+    for name in benchmarks:
+        names.append(name.upper() if name == "lfw" else name)
+        if baseline:
+            names.append(f"vs {baseline}, folds better")
+    return COLUMNS + tuple(names)
+
+
+def table_row(r: dict, benchmarks: tuple[str, ...] = ("lfw",), baseline: bool = False) -> tuple[str, ...]:
+    """A summary as the columns of the comparison table; what a run does not have yet is blank."""
     def num(v, form):
         return "" if v is None else form.format(v)
-    lfw = f"{100 * r['lfw_mean']:.2f} +- {100 * r['lfw_std']:.2f}" if "lfw_mean" in r else ""
-    return (r["run"], r["arch"] or "", r["head"] or "", num(r["margin"], "{:g}"), str(r["iterations"]),
-            str(r["wall_min"]), num(r["images_per_s"], "{}"), num(r["final_loss"], "{:.3f}"),
-            num(r["train_acc"], "{:.1%}"), num(r["feature_norm"], "{:.1f}"), lfw)
+    cells = [r["run"], r["arch"] or "", r["head"] or "", num(r["margin"], "{:g}"), str(r["iterations"]),
+             str(r["wall_min"]), num(r["images_per_s"], "{}"), num(r["final_loss"], "{:.3f}"),
+             num(r["train_acc"], "{:.1%}"), num(r["feature_norm"], "{:.1f}")]
+    for name in benchmarks:
+        cells.append(f"{100 * r[f'{name}_mean']:.2f} +- {100 * r[f'{name}_std']:.2f}"
+                     if f"{name}_mean" in r else "")
+        if baseline:
+            v = r.get(f"{name}_vs")
+            cells.append(f"{v['diff']:+.2f} +- {v['se']:.2f}, {v['better']} / {v['folds']}" if v else "")
+    return tuple(cells)

@@ -1,48 +1,131 @@
 """Classification heads ("margin heads") that turn face features into logits.
 
-Every head has the same interface: `head(features, labels) -> logits`, to be
-fed to ordinary softmax cross-entropy; the margin, if any, is applied to
+Every head has the same interface: `head(features, labels) -> logits`, and
+`head.loss(logits, labels)`: softmax cross-entropy for all but SphereFace2
+(one binary classifier per class), plus SphereFace+'s hyperspherical energy
+of the class weights when `mhe` is set. The margin, if any, is applied to
 the target class's logit. Heads compute in fp32 whatever the autocast
 state, because cos(m theta) polynomials and margins lose their meaning in
 half precision.
 
 A head's settings are its constructor's keyword arguments, named as the
-training options are (`margin`, `scale`, `lambda_hold`, ...), so the
-config's head table is passed to it as it is and a setting it does not
-take is an error. To add a head, write a class here, decorate it with
-`@HEADS.register` and declare its name in spherecli/core/registry.py.
+training options are (`margin`, `scale`, `lambda_hold`, ...), and the MHE
+settings, which every head takes; the config's head table is passed to it
+as it is and a setting it does not take is an error. To add a head, write a
+class here, decorate it with `@HEADS.register` and declare its name in
+spherecli/core/registry.py.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from spherecli.core.errors import UserError
-from spherecli.core.registry import A_SOFTMAX_BACKWARD, HEADS
+from spherecli.core.registry import A_SOFTMAX_BACKWARD, HEADS, MHE_DISTANCES, MHE_PAIRS, SPHEREFACE_R_VERSIONS
 from spherecli.models.init import caffe_xavier_
 
 EPS = 1e-12
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _fp32(fn):
     """Run a head's forward in fp32 even inside an autocast region."""
     def forward(self, features, labels):
         with torch.autocast(features.device.type, enabled=False):
-            return fn(self, features.to(torch.promote_types(features.dtype, torch.float32)), labels)
+            return fn(self, at_least_fp32(features), labels)
     forward.__doc__ = fn.__doc__
     return forward
+
+
+def hyperspherical_energy(weight: torch.Tensor, labels: torch.Tensor | None = None, power: float = 2.0,
+                          distance: str = "euclidean", half_space: bool = False) -> torch.Tensor:
+    """Minimum hyperspherical energy's term (Liu et al. 2018): the mean of f_s(d(w_i, w_j)) over
+    pairs of distinct unit class weights, f_s(d) = d^-s for s > 0 and log(1/d) for s = 0.
+
+    d is the Euclidean distance |w_i - w_j| or the angle between them ("angular", A-MHE).
+    With labels, i runs over the batch's labels and j over every other class (SphereFace+'s
+    mini-batch form, B x C pairs); without, over all C (C - 1) pairs. Half-space MHE also
+    counts each w_j's reflection -w_j, so that collinear weights pointing apart are not
+    mistaken for far apart.
+    """
+    w = F.normalize(weight, dim=1, eps=EPS)
+    rows = torch.arange(len(w), device=w.device) if labels is None else labels
+    cos = w[rows] @ w.t()
+    others = torch.ones_like(cos, dtype=torch.bool).scatter(1, rows[:, None], False)
+
+    def energy(c):
+        c = c[others]
+        if distance == "angular":
+            d = torch.acos(c.clamp(-1 + 1e-7, 1 - 1e-7))
+        else:
+            d = torch.sqrt((2 - 2 * c).clamp_min(1e-12))
+        return -torch.log(d) if power == 0 else d ** -power
+
+    e = energy(cos)
+    if half_space:
+        e = torch.cat([e, energy(-cos)])
+    return e.mean()
+
+
+@dataclass
+class MHE:
+    """SphereFace+'s regulariser: weight x hyperspherical energy of the head's class weights."""
+    mhe: float = 0.0
+    mhe_power: float = 2.0
+    mhe_distance: str = "euclidean"
+    mhe_half_space: bool = False
+    mhe_pairs: str = "batch"
+
+    def __post_init__(self):
+        if self.mhe_distance not in MHE_DISTANCES:
+            raise UserError(f"mhe_distance must be one of {', '.join(MHE_DISTANCES)}, "
+                            f"got {self.mhe_distance!r}")
+        if self.mhe_pairs not in MHE_PAIRS:
+            raise UserError(f"mhe_pairs must be one of {', '.join(MHE_PAIRS)}, got {self.mhe_pairs!r}")
+
+    def __call__(self, weight, labels):
+        return hyperspherical_energy(weight, labels if self.mhe_pairs == "batch" else None, self.mhe_power,
+                                     self.mhe_distance, self.mhe_half_space)
+
+
+MHE_SETTINGS = tuple(f.name for f in fields(MHE))
 
 
 class Head(nn.Module):
     """What the trainer asks of every head besides its forward pass."""
 
+    regulariser: MHE | None = None
+
+    def class_weights(self) -> torch.Tensor:
+        return self.weight
+
+    def criterion(self, logits, labels):
+        return F.cross_entropy(logits, labels)
+
+    def loss(self, logits, labels):
+        """The head's loss on its logits, with SphereFace+'s energy term when it is set."""
+        loss = self.criterion(at_least_fp32(logits), labels)
+        if self.regulariser is not None:
+            energy = self.regulariser(at_least_fp32(self.class_weights()), labels)
+            self.last_energy = energy.detach()
+            loss = loss + self.regulariser.mhe * energy
+        return loss
+
+    def chance_loss(self, num_classes: int) -> float:
+        """The loss of a network that tells no face from another: ln C for a softmax."""
+        return math.log(num_classes)
+
     def metrics(self) -> dict:
-        """Numbers of the last forward pass worth logging (A-Softmax: lambda)."""
-        return {}
+        """Numbers of the last forward pass worth logging (A-Softmax: lambda; MHE: the energy)."""
+        return {"mhe": round(float(self.last_energy), 5)} if hasattr(self, "last_energy") else {}
 
 
 @HEADS.register
@@ -54,6 +137,9 @@ class Softmax(Head):
         self.fc = nn.Linear(feature_dim, num_classes)
         caffe_xavier_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
+
+    def class_weights(self):
+        return self.fc.weight
 
     @_fp32
     def forward(self, features, labels):
@@ -158,7 +244,8 @@ class ASoftmax(Head):
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
     def metrics(self) -> dict:
-        return {"lambda": round(self.last_lambda, 4)} if hasattr(self, "last_lambda") else {}
+        own = {"lambda": round(self.last_lambda, 4)} if hasattr(self, "last_lambda") else {}
+        return own | super().metrics()
 
     def lambda_at(self, t: int) -> float:
         t = max(0, t - self.hold)
@@ -222,12 +309,106 @@ class ArcFace(_NormalisedHead):
                            c - math.sin(math.pi - self.m) * self.m)
 
 
+@HEADS.register
+class SphereFaceR(_NormalisedHead):
+    """SphereFace-R (Liu et al., TPAMI 2022), hard feature normalisation: s psi(theta_y), where
+    the multiplicative margin m may be any real >= 1.
+
+    version v0 is the original's psi, (-1)^k cos(m theta) - 2k with k = floor(m theta / pi);
+    v1 is cos(min(m theta, pi)). Characteristic gradient detachment: the target logit is
+    s (cos + [psi - cos]), the bracket detached, so the margin sets the forward value (and
+    with it the softmax's probabilities) while the gradient is that of s cos, which is
+    what lets it train without A-Softmax's annealed lambda.
+    """
+
+    def __init__(self, feature_dim: int, num_classes: int, scale: float = 30.0, margin: float = 1.5,
+                 version: str = "v0"):
+        super().__init__(feature_dim, num_classes, scale, margin)
+        if margin < 1:
+            raise UserError(f"SphereFace-R margin m must be at least 1 (it multiplies the angle), "
+                            f"got {margin}")
+        if version not in SPHEREFACE_R_VERSIONS:
+            raise UserError(f"version must be one of {', '.join(SPHEREFACE_R_VERSIONS)}, got {version!r}")
+        self.version = version
+
+    def margin(self, c):
+        with torch.no_grad():
+            m_theta = self.m * torch.acos(c)
+            if self.version == "v0":
+                k = torch.floor(m_theta / math.pi)
+                value = (1 - 2 * torch.remainder(k, 2)) * torch.cos(m_theta) - 2 * k
+            else:
+                value = torch.cos(m_theta.clamp_max(math.pi))
+            detached = value - c
+        return c + detached
+
+
+@HEADS.register
+class SphereFace2(Head):
+    """SphereFace2 (Wen et al., ICLR 2022): one binary classifier per class, no softmax.
+
+    Logits z_j = r g(cos theta_j) -+ r m + b (minus for the target, plus for the others),
+    with g(c) = 2 ((c + 1) / 2)^t - 1 and one learnt bias b. The loss per face is
+    lw / r (lambda log(1 + e^-z_y) + (1 - lambda) sum_{j != y} log(1 + e^z_j)). As the
+    authors' code trains it, the adjustment g and the margin set the forward value and the
+    gradient is that of r cos (the detachment of SphereFace-R); lw (`loss_weight`, theirs:
+    50) gives the r-scaled loss a softmax loss's gradient. b starts where its gradient is
+    zero for cosines of 0, i.e. where the positive and the negative terms pull it equally.
+    """
+
+    def __init__(self, feature_dim: int, num_classes: int, scale: float = 40.0, margin: float = 0.4,
+                 positive_weight: float = 0.7, similarity_power: float = 3.0, loss_weight: float = 50.0):
+        super().__init__()
+        if not 0 < positive_weight < 1:
+            raise UserError(f"positive_weight (lambda) must be between 0 and 1, got {positive_weight}")
+        self.weight = nn.Parameter(caffe_xavier_(torch.empty(num_classes, feature_dim)))
+        self.r, self.m, self.lam, self.t = scale, margin, positive_weight, similarity_power
+        self.lw, self.num_classes = loss_weight, num_classes
+        self.bias = nn.Parameter(torch.tensor(self.start_bias()))
+
+    def _start_logits(self) -> tuple[float, float]:
+        """Target's and others' logits before the bias, at cos = 0."""
+        g0 = 2 * 0.5 ** self.t - 1
+        return self.r * (g0 - self.m), self.r * (g0 + self.m)
+
+    def start_bias(self) -> float:
+        # lambda sigma(-(a_y + b)) = (1 - lambda)(C - 1) sigma(a_j + b), solved for v = e^(a_j + b):
+        # e v^2 + (1 - z) v - z = 0, z = lambda / ((1 - lambda)(C - 1)), e = e^(a_y - a_j); the root
+        # is written without the difference of near-equal numbers that e ~ 1e-14 would cause.
+        a_y, a_j = self._start_logits()
+        z = self.lam / ((1 - self.lam) * max(self.num_classes - 1, 1))
+        e = math.exp(a_y - a_j)
+        v = 2 * z / ((1 - z) + math.sqrt((1 - z) ** 2 + 4 * e * z))
+        return math.log(v) - a_j
+
+    @_fp32
+    def forward(self, features, labels):
+        cos = F.normalize(features, dim=1, eps=EPS) @ F.normalize(self.weight, dim=1, eps=EPS).t()
+        cos = cos.clamp(-1, 1)
+        with torch.no_grad():
+            sign = torch.ones_like(cos).scatter(1, labels[:, None], -1.0)
+            detached = 2 * ((cos + 1) / 2) ** self.t - 1 + sign * self.m - cos
+        return self.r * (cos + detached) + self.bias
+
+    def criterion(self, logits, labels):
+        target = torch.zeros_like(logits, dtype=torch.bool).scatter(1, labels[:, None], True)
+        terms = torch.where(target, self.lam * F.softplus(-logits), (1 - self.lam) * F.softplus(logits))
+        return self.lw / self.r * terms.sum(1).mean()
+
+    def chance_loss(self, num_classes: int) -> float:
+        a_y, a_j = self._start_logits()
+        b = self.start_bias()
+        softplus = lambda v: math.log1p(math.exp(-abs(v))) + max(v, 0.0)  # noqa: E731
+        return self.lw / self.r * (self.lam * softplus(-(a_y + b))
+                                   + (1 - self.lam) * (num_classes - 1) * softplus(a_j + b))
+
+
 def head_settings(name: str) -> tuple[str, ...]:
-    """The settings a head takes: its constructor's keyword arguments."""
+    """The settings a head takes: its constructor's keyword arguments, and MHE's."""
     import inspect
 
     return tuple(p for p in inspect.signature(HEADS.get(name)).parameters
-                 if p not in ("self", "feature_dim", "num_classes"))
+                 if p not in ("self", "feature_dim", "num_classes")) + MHE_SETTINGS
 
 
 def check_head(name: str, settings: dict) -> None:
@@ -238,6 +419,10 @@ def check_head(name: str, settings: dict) -> None:
         raise UserError(f"the {name} head does not take {', '.join(extra)} (it takes: {takes})")
 
 
-def create_head(name: str, feature_dim: int, num_classes: int, **settings) -> nn.Module:
+def create_head(name: str, feature_dim: int, num_classes: int, **settings) -> Head:
     check_head(name, settings)
-    return HEADS.get(name)(feature_dim, num_classes, **settings)
+    mhe = MHE(**{k: settings.pop(k) for k in MHE_SETTINGS if k in settings})
+    head = HEADS.get(name)(feature_dim, num_classes, **settings)
+    if mhe.mhe:
+        head.regulariser = mhe
+    return head

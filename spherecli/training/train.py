@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from spherecli.core.errors import Interrupted, UserError
@@ -183,7 +182,7 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits, features = self.model(x, y)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = self.trainee.head.loss(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.clip_grad:
@@ -335,12 +334,12 @@ class Display(Callback):
 
 class StallWatch(Callback):
     """SphereFace's two known failures, seen from the loss and the mean feature norm:
-    the loss pinned at ln C while the features shrink to nothing, or the loss
-    climbing past ln C while the features grow without bound. Warns once (a note
+    the loss pinned at chance (ln C for a softmax; the head says) while the features
+    shrink to nothing, or the loss climbing past it while the features grow without bound. Warns once (a note
     in the log and on the terminal) or stops the run, as `on_stall` says."""
 
-    def __init__(self, num_classes: int, settle: int, action: str, notes=()):
-        self.chance_loss = math.log(num_classes)
+    def __init__(self, chance_loss: float, settle: int, action: str, notes=()):
+        self.chance_loss = chance_loss
         self.settle, self.action, self.notes = settle, action, notes
         self.first_norm = None
         self.warned = False
@@ -362,12 +361,13 @@ class StallWatch(Callback):
         if self.warned or it < self.settle:
             return None
         if loss > 0.95 * self.chance_loss and norm < 0.25 * self.first_norm:
-            what = (f"training looks stalled: loss {loss:.3f} is still near ln C = {self.chance_loss:.3f} "
+            what = (f"training looks stalled: loss {loss:.3f} is still near chance, {self.chance_loss:.3f} "
+                    "(ln C for a softmax head), "
                     f"while the mean feature norm fell from {self.first_norm:.3f} to {norm:.3f} (the "
                     "network is learning to say nothing)")
         elif loss > 1.5 * self.chance_loss and norm > 10 * self.first_norm:
-            what = (f"training looks unstable: loss {loss:.3f} has climbed past ln C = "
-                    f"{self.chance_loss:.3f} while the mean feature norm grew from "
+            what = (f"training looks unstable: loss {loss:.3f} has climbed past chance, "
+                    f"{self.chance_loss:.3f}, while the mean feature norm grew from "
                     f"{self.first_norm:.3f} to {norm:.3f}")
         else:
             return None
@@ -436,8 +436,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, progress: bool, ra
         folder.config.write_text(to_toml(cfg), encoding="utf-8")
         log = LogFile(folder.log, cfg, world, start)
         display = Display(log, cfg.max_iter, start, progress)
-        watch = StallWatch(trainer.num_classes, start + max(cfg.warmup, 100), cfg.on_stall,
-                           (log.note, display.note))
+        watch = StallWatch(trainer.trainee.head.chance_loss(trainer.num_classes),
+                           start + max(cfg.warmup, 100), cfg.on_stall, (log.note, display.note))
         callbacks = [log, display, watch]
         precision = "fp32" if trainer.amp_dtype is None else str(trainer.amp_dtype)[6:]
         said = [f"{len(trainer.items)} images, {trainer.num_classes} identities"
