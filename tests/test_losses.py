@@ -327,3 +327,19 @@ def test_mhe_adds_its_weighted_energy_and_pushes_the_weights_apart():
     hyperspherical_energy(weight, None).backward()
     moved = weight.detach() - 0.1 * weight.grad
     assert hyperspherical_energy(moved, None) < hyperspherical_energy(weight, None)
+
+
+@pytest.mark.parametrize("name", HEADS.names)
+def test_chance_loss_is_the_loss_when_every_cosine_is_zero(name):
+    """What the stall watch compares the loss with: a network that tells no face from another
+    (A-Softmax's ln C holds while lambda is large, as when the watch starts)."""
+    head = create_head(name, 9, 8, **({"lambda_base": 1e12} if name == "asoftmax" else {})).double()
+    weight = head.class_weights()
+    with torch.no_grad():
+        weight.copy_(torch.eye(8, 9, dtype=torch.double))
+        if isinstance(head, Softmax):
+            head.fc.bias.zero_()
+    x = torch.zeros(4, 9, dtype=torch.double)
+    x[:, -1] = 3.0  # orthogonal to every class weight
+    y = torch.tensor([0, 2, 5, 7])
+    assert head.loss(head(x, y), y).item() == pytest.approx(head.chance_loss(8), rel=1e-6)

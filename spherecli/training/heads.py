@@ -282,6 +282,11 @@ class _NormalisedHead(Head):
         c = cos.gather(1, labels[:, None])
         return self.s * cos.scatter(1, labels[:, None], self.margin(c))
 
+    def chance_loss(self, num_classes: int) -> float:
+        # Every cosine 0: the margin has already lowered the target's logit below the others'.
+        target = self.s * float(self.margin(torch.zeros(1, dtype=torch.double)))
+        return math.log(math.exp(target) + num_classes - 1) - target
+
 
 @HEADS.register
 class CosFace(_NormalisedHead):
