@@ -549,6 +549,46 @@ def test_ctrl_c_in_a_live_video_leaves_a_playable_video_and_a_complete_log(model
         last["frames_done"]
 
 
+def test_ctrl_c_while_a_frame_is_written_waits_for_the_frame(model, wild_split, tmp_path):
+    """Ctrl-C that lands while a frame's rows are written (here: by the CSV sink itself, as
+    it writes the second row) ends the run after that frame, so the CSV, the log and the
+    annotated video hold the same frames. It cut the frame's CSV rows short after the log
+    and the video had it."""
+    import io
+    import os
+    import signal
+
+    from spherecli.recognition.video import VideoRun
+
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (300, 400))
+    for p in sorted((wild_split / "probe").rglob("*.jpg"))[:4]:
+        for _ in range(3):
+            writer.write(cv2.resize(cv2.imread(str(p)), (300, 400)))
+    writer.release()
+
+    class Sink(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            self.writes += 1
+            if self.writes == 3:  # the header, one row, then Ctrl-C before the next
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().write(text)
+
+    m = load(model)
+    run = VideoRun(m, m.gallery(wild_split / "gallery"), str(video), annotate=tmp_path / "named.mp4")
+    sink = Sink()
+    summary = run.write(sink, tmp_path / "log.jsonl")
+    done = summary[-1]["frames_done"]
+    assert run.interrupted and 0 < done < 12
+    logged = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    in_log = [(r["frame"], r["track"]) for r in logged if r["type"] == "frame"]
+    in_csv = [(int(r["frame"]), int(r["track"])) for r in csv.DictReader(io.StringIO(sink.getvalue()))]
+    assert len(in_csv) >= 2 and in_csv == in_log and max(f for f, _ in in_log) < done
+    assert int(cv2.VideoCapture(str(tmp_path / "named.mp4")).get(cv2.CAP_PROP_FRAME_COUNT)) == done
+
+
 def test_a_folder_of_frames_is_a_source_its_unreadable_frames_counted_and_size_changes_noted(tmp_path):
     from spherecli.recognition.video import FrameSource
 

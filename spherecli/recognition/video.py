@@ -12,8 +12,10 @@ frame's work behind live. A file is read ahead on a thread too, but every frame 
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,6 +349,43 @@ def check_display() -> None:
                         "instead")
 
 
+class _FrameInterrupts:
+    """Ctrl-C while a frame is read raises at once; while one is recognised and written (its
+    picture, CSV rows and log lines) it waits for the frame's end, so that the video, the
+    CSV and the log agree on the frames done. Only the main thread can catch a signal: on
+    another, Ctrl-C is Python's as usual."""
+
+    def __init__(self):
+        self.holding, self.pending, self.previous = False, False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *_):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def _on_sigint(self, *_):
+        if self.holding and not self.pending:  # a second Ctrl-C does not wait
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def frame(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
 class VideoRun:
     """`identify` of a video, camera or stream with tracking: rows() yields a "frame" record
     per tracked face per frame; after it ends, or is interrupted (close() in a finally),
@@ -364,6 +403,7 @@ class VideoRun:
         self.annotate, self.show = annotate, show
         self.writer, self.size, self.lags, self.seconds, self.drawing = None, None, [], 0.0, 0.0
         self.interrupted = False
+        self._interrupts = _FrameInterrupts()
 
     def write(self, sink, log=None, progress: bool = False) -> list[dict]:
         """The CSV rows into sink and every record into the log (JSON Lines, flushed each
@@ -383,7 +423,8 @@ class VideoRun:
                     journal.flush()
                 yield {**row, "source": name}
         try:
-            write_csv(frames(), sink)
+            with self._interrupts:
+                write_csv(frames(), sink)
         except KeyboardInterrupt:
             self.interrupted = True
         finally:
@@ -402,17 +443,18 @@ class VideoRun:
                    disable=not progress, dynamic_ncols=True)
         try:
             for frame in self.source:
-                t0 = time.perf_counter()
-                rows = self.ident.step(frame)
-                if self.annotate is not None or self.show:
-                    t1 = time.perf_counter()
-                    shown = self._picture(frame, rows)
-                    self.drawing += time.perf_counter() - t1
-                    if not shown:
-                        break
-                self.lags.append(time.perf_counter() - t0)
-                bar.update()
-                yield from rows
+                with self._interrupts.frame():  # held while the consumer writes the rows too
+                    t0 = time.perf_counter()
+                    rows = self.ident.step(frame)
+                    if self.annotate is not None or self.show:
+                        t1 = time.perf_counter()
+                        shown = self._picture(frame, rows)
+                        self.drawing += time.perf_counter() - t1
+                        if not shown:
+                            break
+                    self.lags.append(time.perf_counter() - t0)
+                    bar.update()
+                    yield from rows
         finally:
             bar.close()
             self.seconds += time.perf_counter() - started
