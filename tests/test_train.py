@@ -247,6 +247,23 @@ def test_trainer_state_round_trip_continues_exactly(synthetic_list, tmp_path):
     assert [b.step(*next(stream))[0].item() for _ in range(3)] == losses
 
 
+def test_ctrl_c_ends_a_run_at_a_saved_checkpoint(synthetic_list, tmp_path):
+    """SIGINT to `sphereface train`: it finishes the step, saves it and exits 130 naming it."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "spherecli", "train", "--list", str(synthetic_list),
+                             "--out", str(out), "--arch", "sphere4", "--batch-size", "16", "--workers", "0",
+                             "--cache", "--snapshot", "5", "--max-iter", "5000", "--device", "cpu", "-q"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    saved = Checkpoint.load(out / "checkpoint.pt").iteration
+    assert proc.returncode == 130 and f"interrupted: iteration {saved} is saved" in err, err
+    assert 5 <= saved < 5000 and not (out / "model.pt").exists()
+
+
 def test_trainer_run_stops_on_interrupt_with_a_checkpoint(synthetic_list, tmp_path):
     cfg = run_cfg(synthetic_list, tmp_path / "i", batch_size=16, display=100, max_iter=50)
     trainer = Trainer.build(cfg)

@@ -12,10 +12,8 @@ frame's work behind live. A file is read ahead on a thread too, but every frame 
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import cv2
 import numpy as np
 
 from spherecli.core.config import VideoSettings
-from spherecli.core.errors import UserError
+from spherecli.core.errors import CtrlC, UserError
 from spherecli.core.images import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, is_image_name, walk_images
 
 BEST_VIEWS = 3          # the views a track's template is the mean of
@@ -349,43 +347,6 @@ def check_display() -> None:
                         "instead")
 
 
-class _FrameInterrupts:
-    """Ctrl-C while a frame is read raises at once; while one is recognised and written (its
-    picture, CSV rows and log lines) it waits for the frame's end, so that the video, the
-    CSV and the log agree on the frames done. Only the main thread can catch a signal: on
-    another, Ctrl-C is Python's as usual."""
-
-    def __init__(self):
-        self.holding, self.pending, self.previous = False, False, None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
-        return self
-
-    def __exit__(self, *_):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
-
-    def _on_sigint(self, *_):
-        if self.holding and not self.pending:  # a second Ctrl-C does not wait
-            self.pending = True
-            return
-        raise KeyboardInterrupt
-
-    @contextmanager
-    def frame(self):
-        self.holding = True
-        try:
-            yield
-        finally:
-            self.holding = False
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt
-
-
 class VideoRun:
     """`identify` of a video, camera or stream with tracking: rows() yields a "frame" record
     per tracked face per frame; after it ends, or is interrupted (close() in a finally),
@@ -403,7 +364,7 @@ class VideoRun:
         self.annotate, self.show = annotate, show
         self.writer, self.size, self.lags, self.seconds, self.drawing = None, None, [], 0.0, 0.0
         self.interrupted = False
-        self._interrupts = _FrameInterrupts()
+        self._ctrl_c = CtrlC()
 
     def write(self, sink, log=None, progress: bool = False) -> list[dict]:
         """The CSV rows into sink and every record into the log (JSON Lines, flushed each
@@ -423,7 +384,7 @@ class VideoRun:
                     journal.flush()
                 yield {**row, "source": name}
         try:
-            with self._interrupts:
+            with self._ctrl_c:
                 write_csv(frames(), sink)
         except KeyboardInterrupt:
             self.interrupted = True
@@ -443,7 +404,9 @@ class VideoRun:
                    disable=not progress, dynamic_ncols=True)
         try:
             for frame in self.source:
-                with self._interrupts.frame():  # held while the consumer writes the rows too
+                # Ctrl-C waits for the frame's end, and the consumer's writing of its rows, so
+                # that the video, the CSV and the log hold the same frames.
+                with self._ctrl_c.hold():
                     t0 = time.perf_counter()
                     rows = self.ident.step(frame)
                     if self.annotate is not None or self.show:
@@ -455,6 +418,8 @@ class VideoRun:
                     self.lags.append(time.perf_counter() - t0)
                     bar.update()
                     yield from rows
+                if self._ctrl_c.pressed:
+                    raise KeyboardInterrupt
         finally:
             bar.close()
             self.seconds += time.perf_counter() - started

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from spherecli.core.errors import Interrupted, UserError
+from spherecli.core.errors import CtrlC, Interrupted, UserError
 from spherecli.core.config import TrainConfig, to_toml
 from spherecli.core.data import EpochBatches, batches, check_images, load_face
 from spherecli.models.features import prepare
@@ -462,25 +460,15 @@ def _train(cfg: TrainConfig, folder: RunFolder, resume: bool, progress: bool, ra
                        pin=device.type == "cuda", cache_file=cfg.cache_file, build=rank == 0)
         if shared and rank == 0:
             dist.barrier()
-    interrupted = []
-
-    def on_interrupt(*_):
-        if interrupted:  # a second Ctrl-C does not wait for the checkpoint
-            raise KeyboardInterrupt
-        interrupted.append(1)
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
     trainer.model.train()
     try:
-        trainer.run(data, callbacks, lambda: bool(interrupted))
+        with CtrlC() as ctrl_c, ctrl_c.hold():  # Ctrl-C ends the run at a saved checkpoint
+            trainer.run(data, callbacks, lambda: ctrl_c.pressed)
     except Stopped as e:
         if main:
             log.note(f"stopped: {e}")
         raise
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
         for cb in callbacks:
             cb.close()
         if world > 1 and dist.is_initialized():
